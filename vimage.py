@@ -1,0 +1,2442 @@
+#!/usr/bin/env python3
+"""vimage - read partclone, ntfsclone, partimage and raw disk-image backups.
+
+One file, copied next to a backup on a rescue stick and run with Python 3.8+.
+
+What it reads (detected by magic bytes, never by file name):
+  * partclone images, format 0002 (checksums none, CRC32, XXH64, XXH128, any
+    blocks-per-checksum, reseed on/off, both endians) and format 0001
+    (partclone < 0.3: byte bitmap, per-block CRC with the old CRC quirk);
+  * ntfsclone --save-image images, versions 10.0 and 10.1;
+  * partimage 0.6 images, single files and multi-volume sets (.000, .001 ...);
+  * raw images (dd), i.e. any stream with none of the magics above.
+Containers around them: split sets as Clonezilla writes them (.aa, .ab ...,
+or longer suffixes), compressed with gzip/pigz, bzip2, xz, lzma, lzip (stdlib)
+or zstd, lz4, lzop (optional packages), or read from stdin ("-").
+
+What it promises:
+  * input images are only ever opened read-only;
+  * `extract` writes, byte for byte, what the real tool's restore writes
+    (unused blocks read as zeros);
+  * `verify` checks every checksum the format has and names each bad place;
+  * bad input gives a one-line error and exit status 1, never a traceback.
+
+Subcommands: info, verify, extract, mount, umount.  `mount` needs fusepy
+(or mfusepy); everything else runs on the standard library alone.
+Optional speed-ups: tqdm (progress bars), xxhash (fast XXH64/XXH128).
+"""
+
+import argparse
+import bisect
+import bz2
+import errno
+import io
+import json
+import lzma
+import os
+import re
+import stat
+import struct
+import sys
+import threading
+import time
+import zlib
+from array import array
+from functools import lru_cache
+from itertools import repeat
+from operator import mul
+
+__version__ = "0.1.0"
+PROG = "vimage"
+
+# ===========================================================================
+# Errors and helpers
+# ===========================================================================
+
+
+class VimageError(Exception):
+    """Base of every error vimage reports; main() prints it as one line."""
+
+    exit_code = 1
+
+
+class FormatError(VimageError):
+    """The input is not a readable image, or its structure is broken."""
+
+
+class ContainerError(VimageError):
+    """A split set or a compressed stream cannot be read."""
+
+
+class MissingDependency(VimageError):
+    """An optional package is needed for what was asked."""
+
+
+class ChecksumError(VimageError):
+    """Data does not match its checksum (extract without --ignore-checksums)."""
+
+
+class OutputError(VimageError):
+    """The output cannot be written as asked."""
+
+
+MiB = 1 << 20
+CHUNK = 8 * MiB          # size of the large reads on every data path
+M32 = 0xFFFFFFFF
+_ZEROS = bytes(MiB)
+
+
+def human(n):
+    """Bytes as a short human string (1.5 GiB)."""
+    if n is None:
+        return "unknown"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
+        n /= 1024.0
+    return str(n)
+
+
+def cstr(raw):
+    """A NUL-terminated byte field as text."""
+    return raw.split(b"\0", 1)[0].decode("latin-1").strip()
+
+
+def need_module(name, purpose, pip_name=None):
+    """Import an optional module, or raise MissingDependency saying what to install."""
+    import importlib
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise MissingDependency("%s needs the Python package '%s' (pip install %s)"
+                                % (purpose, pip_name or name, pip_name or name))
+
+
+def optional_module(name):
+    """Import an optional module or return None."""
+    import importlib
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+if hasattr(int, "bit_count"):
+    def popcount(data):
+        """Number of set bits in a bytes-like object."""
+        return int.from_bytes(data, "little").bit_count()  # novermin
+else:  # Python < 3.10
+    def popcount(data):
+        """Number of set bits in a bytes-like object."""
+        total = 0
+        for i in range(0, len(data), MiB):
+            total += bin(int.from_bytes(data[i:i + MiB], "little")).count("1")
+        return total
+
+
+class Progress:
+    """Progress of a long pass: tqdm when present, a plain line otherwise.
+
+    Silent when quiet or when stderr is not a terminal."""
+
+    def __init__(self, total, desc, quiet=False):
+        self.total = total
+        self.desc = desc
+        self.done = 0
+        self._bar = None
+        self._last = 0.0
+        self._start = time.monotonic()
+        self.enabled = not quiet and sys.stderr.isatty()
+        if self.enabled:
+            tqdm = optional_module("tqdm")
+            if tqdm is not None:
+                self._bar = tqdm.tqdm(total=total, desc=desc, unit="B", unit_scale=True,
+                                      unit_divisor=1024, leave=False)
+
+    def update_to(self, done):
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(done - self.done)
+            self.done = done
+            return
+        self.done = done
+        now = time.monotonic()
+        if now - self._last < 0.5:
+            return
+        self._last = now
+        rate = done / max(now - self._start, 1e-6)
+        if self.total:
+            line = "%s: %5.1f%% %s of %s, %s/s" % (self.desc, 100.0 * done / self.total,
+                                                     human(done), human(self.total), human(rate))
+        else:
+            line = "%s: %s, %s/s" % (self.desc, human(done), human(rate))
+        sys.stderr.write("\r" + line[:79].ljust(79))
+        sys.stderr.flush()
+
+    def close(self):
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        else:
+            sys.stderr.write("\r" + " " * 79 + "\r")
+            sys.stderr.flush()
+
+
+# ===========================================================================
+# Byte sources: split files, stdin, streaming decompression
+# ===========================================================================
+
+class Source:
+    """A byte stream read from the front.
+
+    `read(n)` returns exactly n bytes unless the stream ends first.
+    `consumed()` counts input bytes taken from disk (for progress),
+    `input_size` is their total when known.  Sources over plain files also
+    offer `pread(n, offset)` (random access, thread-safe)."""
+
+    input_size = None
+    size = None          # length of the stream when known without reading it
+    random_access = False
+    description = ""
+
+    def read(self, n):
+        raise NotImplementedError
+
+    def consumed(self):
+        return 0
+
+    def close(self):
+        pass
+
+
+_SPLIT_RE = re.compile(r"^(.*)\.(a{2,})$")
+
+
+def split_pieces(path):
+    """All pieces of a split set, from the first one (X.aa -> X.aa, X.ab ...)."""
+    m = _SPLIT_RE.match(path)
+    if not m:
+        m2 = re.match(r"^(.*)\.([a-z]{2,})$", path)
+        if m2 and os.path.exists(m2.group(1) + "." + "a" * len(m2.group(2))) \
+                and m2.group(2) != "a" * len(m2.group(2)):
+            raise ContainerError("%s is a later piece of a split set; give the first piece, %s"
+                                 % (path, m2.group(1) + "." + "a" * len(m2.group(2))))
+        return [path]
+    base, width = m.group(1), len(m.group(2))
+    directory = os.path.dirname(base) or "."
+    stem = os.path.basename(base) + "."
+    present = set()
+    try:
+        for name in os.listdir(directory):
+            if name.startswith(stem):
+                suffix = name[len(stem):]
+                if len(suffix) == width and suffix.isalpha() and suffix.islower():
+                    present.add(suffix)
+    except OSError as e:
+        raise ContainerError("cannot list %s: %s" % (directory, e.strerror))
+    pieces, index = [], 0
+    last = max(present) if present else "a" * width
+    while True:
+        suffix = _suffix(index, width)
+        if suffix is None or suffix > last:
+            break
+        if suffix not in present:
+            raise ContainerError("piece %s.%s of the split set is missing" % (base, suffix))
+        pieces.append("%s.%s" % (base, suffix))
+        index += 1
+    return pieces
+
+
+def _suffix(index, width):
+    """The index-th split suffix of the given width (0 -> 'aa'), None when out of range."""
+    letters = []
+    for _ in range(width):
+        index, r = divmod(index, 26)
+        letters.append(chr(97 + r))
+    return None if index else "".join(reversed(letters))
+
+
+class FileSource(Source):
+    """One file or a split set of files, read-only, with thread-safe pread."""
+
+    random_access = True
+
+    def __init__(self, paths):
+        self.paths = list(paths)
+        self.fds, self.starts = [], []
+        pos = 0
+        try:
+            for p in self.paths:
+                fd = os.open(p, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                self.fds.append(fd)
+                st = os.fstat(fd)
+                if stat.S_ISDIR(st.st_mode):
+                    raise ContainerError("%s is a directory, not an image" % p)
+                size = st.st_size
+                if stat.S_ISBLK(st.st_mode):
+                    size = os.lseek(fd, 0, os.SEEK_END)
+                self.starts.append(pos)
+                pos += size
+        except OSError as e:
+            self.close()
+            raise ContainerError("cannot open %s: %s" % (e.filename or p, e.strerror))
+        except VimageError:
+            self.close()
+            raise
+        self.size = self.input_size = pos
+        self.pos = 0
+        self.description = ("%d split pieces" % len(self.paths)) if len(self.paths) > 1 else "file"
+
+    def pread(self, n, offset):
+        """Up to n bytes at offset (short only at the end)."""
+        if len(self.fds) == 1:
+            return os.pread(self.fds[0], n, offset)
+        parts = []
+        i = bisect.bisect_right(self.starts, offset) - 1
+        while n > 0 and 0 <= i < len(self.fds):
+            end = self.starts[i + 1] if i + 1 < len(self.starts) else self.size
+            take = min(n, end - offset)
+            if take <= 0:
+                break
+            data = os.pread(self.fds[i], take, offset - self.starts[i])
+            parts.append(data)
+            if len(data) < take:
+                raise ContainerError("%s shrank while being read" % self.paths[i])
+            n -= take
+            offset += take
+            i += 1
+        return b"".join(parts)
+
+    def read(self, n):
+        data = self.pread(n, self.pos)
+        self.pos += len(data)
+        return data
+
+    def consumed(self):
+        return self.pos
+
+    def close(self):
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds = []
+
+
+class StdinSource(Source):
+    """Standard input as a stream."""
+
+    description = "stdin"
+
+    def __init__(self):
+        self.fd = sys.stdin.fileno()
+        self.pos = 0
+
+    def read(self, n):
+        parts, want = [], n
+        while want > 0:
+            data = os.read(self.fd, min(want, CHUNK))
+            if not data:
+                break
+            parts.append(data)
+            want -= len(data)
+        data = b"".join(parts)
+        self.pos += len(data)
+        return data
+
+    def consumed(self):
+        return self.pos
+
+
+class PeekSource(Source):
+    """A stream whose first bytes can be looked at before they are read."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.buf = b""
+        self.pos = 0
+        self.input_size = inner.input_size
+        self.size = inner.size
+        self.description = inner.description
+
+    def peek(self, n):
+        if len(self.buf) < n:
+            self.buf += self.inner.read(n - len(self.buf))
+        return self.buf[:n]
+
+    def read(self, n):
+        if self.buf:
+            head, self.buf = self.buf[:n], self.buf[n:]
+            if len(head) < n:
+                head += self.inner.read(n - len(head))
+        else:
+            head = self.inner.read(n)
+        self.pos += len(head)
+        return head
+
+    def consumed(self):
+        return self.inner.consumed()
+
+    def close(self):
+        self.inner.close()
+
+
+class DecompressSource(Source):
+    """Streaming decompression of one or more concatenated members.
+
+    The codec's decoder object follows the stdlib shape: decompress(data,
+    max_length), eof, unused_data, needs_input.  A new decoder starts at the
+    next member; zero padding after the last member is accepted."""
+
+    IN_CHUNK = 256 * 1024
+
+    def __init__(self, raw, codec):
+        self.raw = raw
+        self.codec = codec
+        self.input_size = raw.input_size
+        self.description = codec.name
+        self.dec = None
+        self.inbuf = b""        # input not yet given to a decoder
+        self.outbuf = b""
+        self.in_pos = 0         # input offset of inbuf[0], for messages
+        self.done = False
+        self.members = 0
+        self.out_pos = 0
+
+    def _more_input(self):
+        data = self.raw.read(self.IN_CHUNK)
+        self.inbuf += data
+        return bool(data)
+
+    def _produce(self, want):
+        """Decompress until at least `want` bytes are buffered or the stream ends."""
+        chunks = [self.outbuf]
+        have = len(self.outbuf)
+        while have < want and not self.done:
+            if self.dec is None:
+                if not self._next_member():
+                    self.done = True
+                    break
+            if self.inbuf:
+                data, self.inbuf = self.inbuf, b""
+            elif self.dec.needs_input:
+                if not self._more_input():
+                    raise ContainerError("%s stream is truncated at input offset %d"
+                                         % (self.codec.name, self.in_pos))
+                data, self.inbuf = self.inbuf, b""
+            else:
+                data = b""
+            try:
+                out = self.dec.decompress(data, max(want - have, 1 << 16))
+            except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError, RuntimeError) as e:
+                raise ContainerError("%s stream is corrupt near input offset %d: %s"
+                                     % (self.codec.name, self.in_pos, e))
+            except Exception as e:  # optional codec packages raise their own types
+                raise ContainerError("%s stream is corrupt near input offset %d: %s"
+                                     % (self.codec.name, self.in_pos, e))
+            self.in_pos += len(data)
+            if out:
+                chunks.append(out)
+                have += len(out)
+            if self.dec.eof:
+                rest = self.dec.unused_data
+                self.in_pos -= len(rest)
+                self.inbuf = rest + self.inbuf
+                self._advance(self.codec.finish_member(self.dec, self.inbuf, self))
+                self.dec = None
+                self.members += 1
+        self.outbuf = b"".join(chunks)
+
+    def _next_member(self):
+        """Position inbuf at the next member; False at the end of the stream."""
+        while True:
+            while len(self.inbuf) < 64 and self._more_input():
+                pass
+            if self.members and self.codec.skip_zero_padding:
+                stripped = self.inbuf.lstrip(b"\0")
+                self.in_pos += len(self.inbuf) - len(stripped)
+                self.inbuf = stripped
+                if not self.inbuf:
+                    if self._more_input():
+                        continue
+                    return False
+                if len(self.inbuf) < 64 and self._more_input():
+                    continue
+            if not self.inbuf:
+                if self.members:
+                    return False
+                raise ContainerError("%s stream is empty" % self.codec.name)
+            if not self.codec.matches(self.inbuf):
+                raise ContainerError("%s stream: unexpected data at input offset %d after member %d"
+                                     % (self.codec.name, self.in_pos, self.members))
+            self.dec, skip = self.codec.new_decoder(self.inbuf)
+            self._advance(skip)
+            return True
+
+    def _advance(self, n):
+        while len(self.inbuf) < n and self._more_input():
+            pass
+        self.in_pos += n
+        self.inbuf = self.inbuf[n:]
+
+    def read(self, n):
+        if len(self.outbuf) < n:
+            self._produce(n)
+        data, self.outbuf = self.outbuf[:n], self.outbuf[n:]
+        self.out_pos += len(data)
+        return data
+
+    def consumed(self):
+        return self.raw.consumed()
+
+    def close(self):
+        self.raw.close()
+
+
+class ReaderSource(Source):
+    """A codec package's own file-like reader (zstandard's stream_reader)."""
+
+    def __init__(self, raw, reader, name):
+        self.raw = raw
+        self.reader = reader
+        self.input_size = raw.input_size
+        self.description = name
+
+    def read(self, n):
+        parts, want = [], n
+        while want > 0:
+            try:
+                data = self.reader.read(min(want, CHUNK))
+            except Exception as e:
+                raise ContainerError("%s stream is corrupt near input offset %d: %s"
+                                     % (self.description, self.raw.consumed(), e))
+            if not data:
+                break
+            parts.append(data)
+            want -= len(data)
+        return b"".join(parts)
+
+    def consumed(self):
+        return self.raw.consumed()
+
+    def close(self):
+        self.raw.close()
+
+
+class _RawFile(io.RawIOBase):
+    """A Source seen as a file object, for codec packages that want one."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        data = self.source.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+# --- codecs: magic -> decoder ---------------------------------------------
+
+class _ZlibDecoder:
+    """zlib's decompressobj in the bz2/lzma decoder shape."""
+
+    def __init__(self, wbits):
+        self.d = zlib.decompressobj(wbits)
+        self.tail = b""
+        self.needs_input = True
+
+    def decompress(self, data, max_length):
+        out = self.d.decompress(self.tail + data, max_length)
+        self.tail = self.d.unconsumed_tail
+        self.needs_input = not self.tail and len(out) < max_length
+        return out
+
+    @property
+    def eof(self):
+        return self.d.eof
+
+    @property
+    def unused_data(self):
+        return self.d.unused_data
+
+
+class Codec:
+    """A compression format: its magic and how to decode one member."""
+
+    skip_zero_padding = True
+
+    def __init__(self, name, magic, factory, module=None, pip_name=None, check=None,
+                 finish=None):
+        self.name = name
+        self.magic = magic
+        self.factory = factory
+        self.module = module
+        self.pip_name = pip_name
+        self.check = check
+        self.finish = finish
+
+    def matches(self, head):
+        if not head.startswith(self.magic):
+            return False
+        return self.check(head) if self.check else True
+
+    def new_decoder(self, head):
+        """(decoder, number of header bytes it does not want)."""
+        return self.factory(head)
+
+    def finish_member(self, dec, rest, source):
+        """Bytes after a member that belong to it (lzip trailer); checked here."""
+        return self.finish(dec, rest, source) if self.finish else 0
+
+    def open(self, raw):
+        if self.module:
+            need_module(self.module, "reading %s-compressed images" % self.name, self.pip_name)
+        return DecompressSource(raw, self)
+
+
+def _lzma_alone_check(head):
+    # lzma-alone has no real magic: properties byte 0x5D and a sane dictionary size.
+    if len(head) < 13:
+        return False
+    dict_size = struct.unpack_from("<I", head, 1)[0]
+    return head[0] == 0x5D and 4096 <= dict_size <= (1 << 30) and \
+        (dict_size & (dict_size - 1) == 0 or dict_size % (1 << 20) == 0)
+
+
+def _lzip_decoder(head):
+    if len(head) < 6 or head[4] != 1:
+        raise ContainerError("unsupported lzip version")
+    b = head[5]
+    dict_size = (1 << (b & 0x1F)) - ((1 << (b & 0x1F)) // 16) * (b >> 5)
+    if not (1 << 12) <= dict_size <= (1 << 29):
+        raise ContainerError("lzip header has an invalid dictionary size")
+    filters = [{"id": lzma.FILTER_LZMA1, "dict_size": dict_size, "lc": 3, "lp": 0, "pb": 2}]
+    return _LzipDecoder(lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=filters)), 6
+
+
+class _LzipDecoder:
+    """Raw LZMA1 decoder that also keeps the CRC32 and size the lzip trailer checks."""
+
+    def __init__(self, dec):
+        self.d = dec
+        self.crc = 0
+        self.size = 0
+
+    def decompress(self, data, max_length):
+        out = self.d.decompress(data, max_length)
+        self.crc = zlib.crc32(out, self.crc)
+        self.size += len(out)
+        return out
+
+    eof = property(lambda self: self.d.eof)
+    unused_data = property(lambda self: self.d.unused_data)
+    needs_input = property(lambda self: self.d.needs_input)
+
+
+def _lzip_finish(dec, rest, source):
+    while len(rest) < 20 and source._more_input():
+        rest = source.inbuf
+    if len(rest) < 20:
+        raise ContainerError("lzip stream is truncated (member trailer missing)")
+    crc, size = struct.unpack_from("<IQ", rest, 0)
+    if crc != dec.crc or size != dec.size:
+        raise ContainerError("lzip member check failed near input offset %d" % source.in_pos)
+    return 20
+
+
+def _zstd_open(raw):
+    zstandard = optional_module("zstandard")
+    if zstandard is not None:
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            _RawFile(raw), read_size=256 * 1024, read_across_frames=True)
+        return ReaderSource(raw, reader, "zstd")
+    if optional_module("pyzstd") is not None:
+        return DecompressSource(raw, CODECS_BY_NAME["zstd-pyzstd"])
+    raise MissingDependency("reading zstd-compressed images needs the Python package "
+                            "'zstandard' or 'pyzstd' (pip install zstandard)")
+
+
+class _PyzstdDecoder:
+    def __init__(self):
+        import pyzstd
+        self.d = pyzstd.ZstdDecompressor()
+
+    def decompress(self, data, max_length):
+        return self.d.decompress(data, max_length)
+
+    eof = property(lambda self: self.d.eof)
+    unused_data = property(lambda self: self.d.unused_data)
+    needs_input = property(lambda self: self.d.needs_input)
+
+
+def _lz4_decoder(head):
+    import lz4.frame
+    return lz4.frame.LZ4FrameDecompressor(), 0
+
+
+def _lzo_open(raw):
+    lzo = need_module("lzo", "reading lzop-compressed images", "python-lzo")
+    return LzopSource(raw, lzo)
+
+
+class LzopSource(Source):
+    """lzop files: a header, then blocks of (usize, csize, checksums, data)."""
+
+    MAGIC = b"\x89LZO\x00\r\n\x1a\n"
+    # flag bits of the lzop header
+    ADLER_D, ADLER_C, EXTRA, CRC_D, CRC_C, FILTER = 0x1, 0x2, 0x40, 0x100, 0x200, 0x800
+
+    def __init__(self, raw, lzo):
+        self.raw, self.lzo = raw, lzo
+        self.input_size = raw.input_size
+        self.description = "lzop"
+        self.outbuf = b""
+        self.flags = None
+        self.ended = False
+
+    def _take(self, n):
+        data = self.raw.read(n)
+        if len(data) < n:
+            raise ContainerError("lzop stream is truncated")
+        return data
+
+    def _header(self):
+        head = self._take(9 + 6)
+        version, _lib, _need, method = struct.unpack(">HHHB", head[9:16] + self._take(1))[:4]
+        if version < 0x0940:
+            raise ContainerError("lzop file version %#x is not supported" % version)
+        if method not in (1, 2, 3):
+            raise ContainerError("lzop method %d is not LZO1X" % method)
+        self._take(1)                                   # level
+        (flags,) = struct.unpack(">I", self._take(4))
+        if flags & self.FILTER:
+            self._take(4)
+        self._take(12)                                  # mode, mtime low/high
+        (name_len,) = self._take(1)
+        self._take(name_len + 4)                        # name, header checksum
+        if flags & self.EXTRA:
+            (n,) = struct.unpack(">I", self._take(4))
+            self._take(n + 4)
+        self.flags = flags
+
+    def read(self, n):
+        if self.flags is None:
+            self._header()
+        parts, have = [self.outbuf], len(self.outbuf)
+        while have < n and not self.ended:
+            (usize,) = struct.unpack(">I", self._take(4))
+            if usize == 0:
+                self.ended = True
+                break
+            (csize,) = struct.unpack(">I", self._take(4))
+            if usize > 64 * MiB or csize > usize:
+                raise ContainerError("lzop block header is corrupt")
+            f = self.flags
+            dsum = self._take(4) if f & (self.ADLER_D | self.CRC_D) else None
+            if csize < usize and f & (self.ADLER_C | self.CRC_C):
+                self._take(4)
+            data = self._take(csize)
+            if csize < usize:
+                try:
+                    data = self.lzo.decompress(data, False, usize)
+                except Exception as e:
+                    raise ContainerError("lzop block is corrupt: %s" % e)
+            if dsum is not None:
+                want = zlib.crc32(data) if f & self.CRC_D else zlib.adler32(data)
+                if struct.unpack(">I", dsum)[0] != want:
+                    raise ContainerError("lzop block checksum mismatch near input offset %d"
+                                         % self.raw.consumed())
+            parts.append(data)
+            have += len(data)
+        out = b"".join(parts)
+        self.outbuf = out[n:]
+        return out[:n]
+
+    def consumed(self):
+        return self.raw.consumed()
+
+
+CODECS = [
+    Codec("gzip", b"\x1f\x8b", lambda h: (_ZlibDecoder(31), 0)),
+    Codec("bzip2", b"BZh", lambda h: (bz2.BZ2Decompressor(), 0),
+          check=lambda h: len(h) > 3 and 0x31 <= h[3] <= 0x39),
+    Codec("xz", b"\xfd7zXZ\x00", lambda h: (lzma.LZMADecompressor(lzma.FORMAT_XZ), 0)),
+    Codec("lzip", b"LZIP", _lzip_decoder, finish=_lzip_finish),
+    Codec("lzma", b"\x5d", lambda h: (lzma.LZMADecompressor(lzma.FORMAT_ALONE), 0),
+          check=_lzma_alone_check),
+    Codec("zstd", b"\x28\xb5\x2f\xfd", None),
+    Codec("zstd-pyzstd", b"\x28\xb5\x2f\xfd", lambda h: (_PyzstdDecoder(), 0)),
+    Codec("lz4", b"\x04\x22\x4d\x18", _lz4_decoder, module="lz4.frame", pip_name="lz4"),
+    Codec("lzop", LzopSource.MAGIC, None),
+]
+CODECS_BY_NAME = {c.name: c for c in CODECS}
+CODECS_BY_NAME["zstd"].open = _zstd_open
+CODECS_BY_NAME["lzop"].open = _lzo_open
+DETECTED_CODECS = [c for c in CODECS if c.name != "zstd-pyzstd"]
+
+
+def open_stream(path):
+    """Open IMAGE (a path, the first piece of a split set, or '-') as a
+    decompressed, peekable stream.  Returns (stream, container description)."""
+    if path == "-":
+        raw = StdinSource()
+        pieces = 1
+    else:
+        if not os.path.lexists(path):
+            raise ContainerError("%s: no such file" % path)
+        raw = FileSource(split_pieces(path))
+        pieces = len(raw.paths)
+    raw = PeekSource(raw)
+    head = raw.peek(64)
+    codec = next((c for c in DETECTED_CODECS if c.matches(head)), None)
+    if codec is None:
+        return raw, {"compression": None, "pieces": pieces}
+    stream = PeekSource(codec.open(raw))
+    return stream, {"compression": codec.name, "pieces": pieces}
+
+
+# ===========================================================================
+# Checksums
+# ===========================================================================
+#
+# Every checksum engine is a function data -> the bytes stored in the image,
+# built per image by make_digest().  Engines with "running" state (partclone's
+# no-reseed modes, format 0001) keep it in a closure; the data must then be
+# fed in image order, which every pass here does.
+
+# --- XXH64 and XXH3-128 in pure Python ------------------------------------
+# Used only when the C package `xxhash` is missing (same digests, ~25 MB/s).
+# Written from the xxHash specification; digest() never ends the stream.
+
+M64 = 0xFFFFFFFFFFFFFFFF
+P32_1, P32_2, P32_3 = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D
+P64_1, P64_2, P64_3 = 0x9E3779B185EBCA87, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9
+P64_4, P64_5 = 0x85EBCA77C2B2AE63, 0x27D4EB2F165667C5
+PMX1, PMX2 = 0x165667919E3779F9, 0x9FB21C651E98DF25
+
+_U64 = struct.Struct("<Q").unpack_from
+_U32 = struct.Struct("<I").unpack_from
+
+
+def _words(buf, off, n):
+    """n little-endian 64-bit words of buf starting at byte off."""
+    return struct.unpack_from("<%dQ" % n, buf, off)
+
+
+def _view(data):
+    if isinstance(data, str):  # the C package accepts str as UTF-8, so do we
+        data = data.encode("utf-8")
+    mv = memoryview(data)
+    return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
+
+
+class _Hash:
+    def hexdigest(self):
+        return self.digest().hex()
+
+    def digest(self):
+        return self.intdigest().to_bytes(self.digest_size, "big")
+
+
+# ---------------------------------------------------------------- XXH64
+
+def _avalanche64(h):
+    h = ((h ^ (h >> 33)) * P64_2) & M64
+    h = ((h ^ (h >> 29)) * P64_3) & M64
+    return h ^ (h >> 32)
+
+
+def _round64(acc, lane):
+    acc = (acc + lane * P64_2) & M64
+    return ((acc << 31 | acc >> 33) * P64_1) & M64
+
+
+class PyXXH64(_Hash):
+    name, digest_size, block_size = "XXH64", 8, 32
+    _CHUNK = 1 << 16  # bytes unpacked at once: bounds the temporary tuple
+
+    def __init__(self, data=b"", seed=0):
+        seed &= M64
+        self._seed = seed
+        self._v = [(seed + P64_1 + P64_2) & M64, (seed + P64_2) & M64,
+                   seed, (seed - P64_1) & M64]
+        self._buf = bytearray()  # < 32 bytes not yet forming a stripe
+        self._len = 0
+        self.update(data)
+
+    def copy(self):
+        c = object.__new__(PyXXH64)
+        c._seed, c._v, c._buf, c._len = self._seed, self._v[:], self._buf[:], self._len
+        return c
+
+    def update(self, data):
+        mv = _view(data)
+        self._len += len(mv)
+        buf = self._buf
+        if len(buf) + len(mv) < 32:
+            buf += mv
+            return
+        if buf:  # complete the pending stripe first
+            k = 32 - len(buf)
+            buf += mv[:k]
+            mv = mv[k:]
+            self._stripes(buf)
+            del buf[:]
+        end = len(mv) & ~31
+        for off in range(0, end, self._CHUNK):
+            self._stripes(mv[off:min(off + self._CHUNK, end)])
+        buf += mv[end:]
+
+    def _stripes(self, mv):
+        """Run the 4 lane rounds over whole 32-byte stripes of mv."""
+        v1, v2, v3, v4 = self._v
+        # lane * PRIME64_2 is done in C by map(); zip(it, it, it, it) yields
+        # one stripe per iteration so the loop body is just the 4 rounds.
+        it = map(mul, _words(mv, 0, len(mv) >> 3), repeat(P64_2))
+        for a, b, c, d in zip(it, it, it, it):
+            v1 = (v1 + a) & M64
+            v1 = ((v1 << 31 | v1 >> 33) * P64_1) & M64
+            v2 = (v2 + b) & M64
+            v2 = ((v2 << 31 | v2 >> 33) * P64_1) & M64
+            v3 = (v3 + c) & M64
+            v3 = ((v3 << 31 | v3 >> 33) * P64_1) & M64
+            v4 = (v4 + d) & M64
+            v4 = ((v4 << 31 | v4 >> 33) * P64_1) & M64
+        self._v = [v1, v2, v3, v4]
+
+    def intdigest(self):
+        if self._len >= 32:
+            v1, v2, v3, v4 = self._v
+            h = ((v1 << 1 | v1 >> 63) + (v2 << 7 | v2 >> 57) +
+                 (v3 << 12 | v3 >> 52) + (v4 << 18 | v4 >> 46)) & M64
+            for v in self._v:
+                h = (((h ^ _round64(0, v)) * P64_1) + P64_4) & M64
+        else:
+            h = (self._seed + P64_5) & M64
+        h = (h + self._len) & M64
+        buf, i, n = self._buf, 0, len(self._buf)
+        while i + 8 <= n:
+            h ^= _round64(0, _U64(buf, i)[0])
+            h = (((h << 27 | h >> 37) & M64) * P64_1 + P64_4) & M64
+            i += 8
+        if i + 4 <= n:
+            h ^= (_U32(buf, i)[0] * P64_1) & M64
+            h = (((h << 23 | h >> 41) & M64) * P64_2 + P64_3) & M64
+            i += 4
+        for b in buf[i:]:
+            h ^= (b * P64_5) & M64
+            h = (((h << 11 | h >> 53) & M64) * P64_1) & M64
+        return _avalanche64(h)
+
+
+# ---------------------------------------------------------------- XXH3-128
+
+_SECRET = bytes.fromhex(
+    "b8fe6c3923a44bbe7c01812cf721ad1cded46de9839097db7240a4a4b7b3671f"
+    "cb79e64eccc0e578825ad07dccff7221b8084674f743248ee03590e6813a264c"
+    "3c2852bb91c300cb88d0658b1b532ea371644897a20df94e3819ef46a9deacd8"
+    "a8fa763fe39c343ff9dcbbc7c70b4f1d8a51e04bcdb45931c89f7ec9d9787364"
+    "eac5ac8334d3ebc3c581a0fffa1363eb170ddd51b7f0da49d316552629d4689e"
+    "2b16be587d47a1fc8ff8b8d17ad031ce45cb3a8f95160428afd7fbcabb4b407e")
+# Stripe n of a block reads the secret from byte 8*n: lay those 16 windows end
+# to end so that a run of stripes is xored with its key in one big-int xor.
+_BLOCK_KEY = b"".join(_SECRET[8 * n:8 * n + 64] for n in range(16))
+_SCRAMBLE = _words(_SECRET, 128, 8)    # last 64 bytes of the secret
+_LAST_KEY = _SECRET[121:185]           # secretLength - 64 - 7
+_MERGE_LO = _words(_SECRET, 11, 8)
+_MERGE_HI = _words(_SECRET, 117, 8)    # secretLength - 75
+_ACC_INIT = (P32_3, P64_1, P64_2, P64_3, P64_4, P32_2, P64_5, P32_1)
+
+
+def _avalanche3(h):
+    h = ((h ^ (h >> 37)) * PMX1) & M64
+    return h ^ (h >> 32)
+
+
+def _mul_fold(a, b):
+    p = a * b
+    return (p ^ (p >> 64)) & M64
+
+
+def _bswap64(x):
+    return int.from_bytes(x.to_bytes(8, "little"), "big")
+
+
+@lru_cache(maxsize=16)
+def _halves(nw):
+    """Unpackers for the low and the high 32-bit halves of nw 64-bit words."""
+    return (struct.Struct("<" + "I4x" * nw).unpack_from,
+            struct.Struct("<" + "4xI" * nw).unpack_from)
+
+
+def _accumulate(acc, data, key):
+    """Accumulate the whole stripes of data, xoring it with key (same length).
+
+    Per lane i: acc[i] += lo32 * hi32 of (data ^ key), acc[i ^ 1] += data.
+    All per-word work happens in C: one big-int xor, struct unpacking straight
+    into 32-bit halves, map(mul) and sum() over lane slices.  Masking is done
+    once at the end since Python ints do not overflow.
+    """
+    n = len(data)
+    x = (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+    lo, hi = _halves(n >> 3)
+    prods = list(map(mul, lo(x), hi(x)))
+    words = _words(data, 0, n >> 3)
+    for i in range(8):
+        acc[i] = (acc[i] + sum(prods[i::8]) + sum(words[i ^ 1::8])) & M64
+
+
+def _merge(acc, init, key):
+    h = init
+    for i in range(0, 8, 2):
+        h += _mul_fold(acc[i] ^ key[i], acc[i + 1] ^ key[i + 1])
+    return _avalanche3(h & M64)
+
+
+def _mix32(acc, b, o1, o2, s):
+    """mixTwoChunks: 16 bytes at o1 and at o2 against 32 secret bytes at s."""
+    a1, a2 = _words(b, o1, 2)
+    b1, b2 = _words(b, o2, 2)
+    k = _words(_SECRET, s, 4)
+    acc[0] = ((acc[0] + _mul_fold(a1 ^ k[0], a2 ^ k[1])) & M64) ^ ((b1 + b2) & M64)
+    acc[1] = ((acc[1] + _mul_fold(b1 ^ k[2], b2 ^ k[3])) & M64) ^ ((a1 + a2) & M64)
+
+
+def _xxh3_128_short(b):
+    """XXH3-128 of len(b) <= 240 bytes (seed 0)."""
+    n = len(b)
+    if n > 16:
+        acc = [(n * P64_1) & M64, 0]
+        if n <= 128:
+            for i in range((n - 1) >> 5, -1, -1):
+                _mix32(acc, b, 16 * i, n - 16 * i - 16, 32 * i)
+        else:
+            for i in range(4):
+                _mix32(acc, b, 32 * i, 32 * i + 16, 32 * i)
+            acc = [_avalanche3(acc[0]), _avalanche3(acc[1])]
+            for i in range(4, n >> 5):
+                _mix32(acc, b, 32 * i, 32 * i + 16, 32 * (i - 4) + 3)
+            _mix32(acc, b, n - 16, n - 32, 103)
+        lo = (acc[0] + acc[1]) & M64
+        hi = (acc[0] * P64_1 + acc[1] * P64_4 + n * P64_2) & M64
+        return _avalanche3(lo), (-_avalanche3(hi)) & M64
+    if n > 8:
+        first, last = _U64(b, 0)[0], _U64(b, n - 8)[0]
+        s = _words(_SECRET, 32, 4)
+        p = (s[0] ^ s[1] ^ first ^ last) * P64_1
+        lo = ((p & M64) + ((n - 1) << 54)) & M64
+        v2 = s[2] ^ s[3] ^ last
+        # == hi64(p) + (v2 >> 32 << 32) + lo32(v2) * PRIME32_2
+        hi = ((p >> 64) + v2 + (v2 & M32) * (P32_2 - 1)) & M64
+        lo ^= _bswap64(hi)
+        p = lo * P64_2
+        hi = ((p >> 64) + hi * P64_2) & M64
+        return _avalanche3(p & M64), _avalanche3(hi)
+    if n >= 4:
+        s = _words(_SECRET, 16, 2)
+        v = s[0] ^ s[1] ^ (_U32(b, 0)[0] | _U32(b, n - 4)[0] << 32)
+        p = v * ((P64_1 + (n << 2)) & M64)
+        lo, hi = p & M64, p >> 64
+        hi = (hi + (lo << 1)) & M64
+        lo ^= hi >> 3
+        lo ^= lo >> 35
+        lo = (lo * PMX2) & M64
+        return lo ^ (lo >> 28), _avalanche3(hi)
+    if n:
+        c = b[n - 1] | n << 8 | b[0] << 16 | b[n >> 1] << 24
+        cs = int.from_bytes(c.to_bytes(4, "little"), "big")  # bswap32
+        s = struct.unpack_from("<4I", _SECRET)
+        return (_avalanche64((s[0] ^ s[1]) ^ c),
+                _avalanche64((s[2] ^ s[3]) ^ ((cs << 13 | cs >> 19) & M32)))
+    s = _words(_SECRET, 64, 4)
+    return _avalanche64(s[0] ^ s[1]), _avalanche64(s[2] ^ s[3])
+
+
+class PyXXH3_128(_Hash):
+    name, digest_size, block_size = "XXH3_128", 16, 64
+
+    def __init__(self, data=b""):
+        self._acc = None        # None while total length <= 240 (short path)
+        self._n = 0             # bytes accumulated in the current block
+        self._buf = bytearray()  # pending input (all of it while short)
+        self._last = b""        # last 64 bytes consumed, for the final stripe
+        self._len = 0
+        self.update(data)
+
+    def copy(self):
+        c = object.__new__(PyXXH3_128)
+        c._acc = None if self._acc is None else self._acc[:]
+        c._n, c._buf, c._last, c._len = self._n, self._buf[:], self._last, self._len
+        return c
+
+    def update(self, data):
+        mv = _view(data)
+        self._len += len(mv)
+        buf = self._buf
+        if self._acc is None:
+            if self._len <= 240:
+                buf += mv
+                return
+            self._acc = list(_ACC_INIT)
+        # A stripe is consumed only once more input follows it: the stripe
+        # ending the input is hashed specially in intdigest(), and a full
+        # block is scrambled only when not last.  So 1..64 bytes stay pending.
+        if len(buf) + len(mv) <= 64:
+            buf += mv
+            return
+        if buf:
+            k = -len(buf) % 64
+            buf += mv[:k]
+            mv = mv[k:]
+            end = len(buf) if mv else (len(buf) - 1) & ~63
+            self._consume(buf[:end])
+            del buf[:end]
+        if mv:
+            end = (len(mv) - 1) & ~63
+            if end:
+                self._consume(mv[:end])
+            buf += mv[end:]
+
+    def _consume(self, mv):
+        """Accumulate whole stripes of mv (len a nonzero multiple of 64),
+        one block at a time so temporaries stay small."""
+        acc, n, off, total = self._acc, self._n, 0, len(mv)
+        while off < total:
+            m = min(1024 - n, total - off)  # bytes left in this block
+            _accumulate(acc, mv[off:off + m], _BLOCK_KEY[n:n + m])
+            n += m
+            off += m
+            if n == 1024:
+                for i in range(8):
+                    a = acc[i]
+                    acc[i] = ((a ^ (a >> 47) ^ _SCRAMBLE[i]) * P32_1) & M64
+                n = 0
+        self._n = n
+        self._last = bytes(mv[-64:])
+
+    def intdigest(self):
+        if self._acc is None:
+            lo, hi = _xxh3_128_short(bytes(self._buf))
+        else:
+            acc = self._acc[:]
+            _accumulate(acc, (self._last + self._buf)[-64:], _LAST_KEY)
+            n = self._len
+            lo = _merge(acc, (n * P64_1) & M64, _MERGE_LO)
+            hi = _merge(acc, ~(n * P64_2) & M64, _MERGE_HI)
+        return hi << 64 | lo
+
+
+def _xxhash_or_fallback():
+    """(xxh64 class, xxh3_128 class) from the C package, else the pure-Python ones."""
+    xxhash = optional_module("xxhash")
+    if xxhash is not None:
+        return xxhash.xxh64, xxhash.xxh3_128
+    return PyXXH64, PyXXH3_128
+
+
+def crc32_partclone(data, state=0):
+    """partclone's CRC32: zlib's polynomial and init, but no final inversion."""
+    return zlib.crc32(data, state) ^ M32
+
+
+_PACK_U32 = struct.Struct("<I").pack
+_PACK_U64 = struct.Struct("<Q").pack
+
+
+def make_digest(kind, reseed, endian="<", field_size=None):
+    """A function data -> stored checksum bytes, for one image's checksum mode.
+
+    kind: 'crc32', 'xxh64', 'xxh128' (partclone 0002) or 'crc32-v1'
+    (partclone 0001: the running CRC of each block's first byte repeated)."""
+    u32 = struct.Struct(endian + "I").pack
+    u64 = struct.Struct(endian + "Q").pack
+    if kind == "crc32":
+        if reseed:
+            return lambda d: u32(zlib.crc32(d) ^ M32)
+        state = [0]
+
+        def running_crc(d):
+            state[0] = zlib.crc32(d, state[0])
+            return u32(state[0] ^ M32)
+        return running_crc
+    if kind == "crc32-v1":
+        # The 0001 writer fed the first byte of each block block-size times
+        # into a CRC that is never reset; keep 256 such blocks at hand.
+        pack = u32 if field_size == 4 else u64
+        cache = {}
+        state = [0]
+
+        def v1_crc(d):
+            key = d[0]
+            rep = cache.get(key)
+            if rep is None or len(rep) != len(d):
+                rep = cache[key] = bytes((key,)) * len(d)
+            state[0] = zlib.crc32(rep, state[0])
+            return pack(state[0] ^ M32)
+        return v1_crc
+    xxh64, xxh128 = _xxhash_or_fallback()
+    if kind == "xxh64":
+        if reseed:
+            return lambda d: u64(xxh64(d).intdigest())
+        h64 = xxh64()
+
+        def running_xxh64(d):
+            h64.update(d)
+            return u64(h64.intdigest())
+        return running_xxh64
+    if kind == "xxh128":
+        order = "little" if endian == "<" else "big"
+        if reseed:
+            return lambda d: xxh128(d).intdigest().to_bytes(16, order)
+        h128 = xxh128()
+
+        def running_xxh128(d):
+            h128.update(d)
+            return h128.intdigest().to_bytes(16, order)
+        return running_xxh128
+    raise FormatError("unknown checksum kind %r" % kind)
+
+
+# ===========================================================================
+# Image formats
+# ===========================================================================
+#
+# Every reader parses its headers from the front of the (decompressed) stream
+# when constructed, and then `scan()` reads the rest once, in order: it hands
+# the partition's data to a sink (sink.write(partition_offset, bytes), in
+# increasing offsets; unused blocks are simply not written) and every fault
+# it finds to report(Problem).  verify = scan into nothing; extract = scan
+# into a file.
+
+class Problem:
+    """One fault found in an image: where in the image, and what it spoils."""
+
+    def __init__(self, kind, message, image_offset=None, byte_range=None, block_range=None):
+        self.kind = kind                  # 'checksum', 'truncated', 'structure'
+        self.message = message
+        self.image_offset = image_offset
+        self.byte_range = byte_range      # (first, end) partition bytes
+        self.block_range = block_range    # (first, last) block numbers
+
+    def __str__(self):
+        parts = [self.message]
+        if self.image_offset is not None:
+            parts.append("at image offset %d" % self.image_offset)
+        if self.byte_range is not None:
+            parts.append("partition bytes %d-%d" % (self.byte_range[0], self.byte_range[1] - 1))
+        if self.block_range is not None:
+            parts.append("blocks %d-%d" % self.block_range)
+        return ", ".join(parts)
+
+
+def _byte_runs_table():
+    """For each byte value, its runs of set bits (LSB = first block) as (offset, length)."""
+    table = []
+    for b in range(256):
+        runs, bit = [], 0
+        while bit < 8:
+            if b >> bit & 1:
+                start = bit
+                while bit < 8 and b >> bit & 1:
+                    bit += 1
+                runs.append((start, bit - start))
+            else:
+                bit += 1
+        table.append(tuple(runs))
+    return table
+
+
+_BYTE_RUNS = _byte_runs_table()
+_BIT_RUN_RE = re.compile(rb"\x00+|\xff+|[\x01-\xfe]")
+
+
+def bit_runs(bitmap, nbits):
+    """Runs (first block, count) of set bits in an LSB-first bitmap, below nbits.
+
+    Whole 0x00/0xFF bytes are matched in C by the regex; only bytes that mix
+    used and free blocks are looked up one by one."""
+    cur_start = cur_end = 0
+    for m in _BIT_RUN_RE.finditer(bitmap):
+        value = bitmap[m.start()]
+        if value == 0:
+            continue
+        base = m.start() * 8
+        pieces = ((base, (m.end() - m.start()) * 8),) if value == 0xFF else \
+            [(base + o, n) for o, n in _BYTE_RUNS[value]]
+        for start, count in pieces:
+            if start == cur_end and cur_end > cur_start:
+                cur_end += count
+                continue
+            if cur_end > cur_start:
+                yield cur_start, cur_end - cur_start
+            cur_start, cur_end = start, start + count
+        if cur_start >= nbits:
+            return
+    cur_end = min(cur_end, nbits)
+    if cur_end > cur_start:
+        yield cur_start, cur_end - cur_start
+
+
+def _clip_runs(runs, nbits):
+    for start, count in runs:
+        if start >= nbits:
+            return
+        yield start, min(count, nbits - start)
+
+
+def bit_runs_clipped(bitmap, nbits):
+    return _clip_runs(bit_runs(bitmap, nbits), nbits)
+
+
+_BYTE_RUN_RE = re.compile(rb"\x01+")
+
+
+def byte_runs(bytemap):
+    """Runs (first block, count) of 0x01 bytes in a byte-per-block map."""
+    for m in _BYTE_RUN_RE.finditer(bytemap):
+        yield m.start(), m.end() - m.start()
+
+
+class SpanCursor:
+    """Walks the used-block runs in order, handing out spans of used blocks."""
+
+    def __init__(self, runs):
+        self.runs = iter(runs)
+        self.start = self.left = 0
+
+    def take(self, n):
+        """Spans (first block, count) covering the next n used blocks (fewer at the end)."""
+        spans = []
+        while n > 0:
+            if not self.left:
+                nxt = next(self.runs, None)
+                if nxt is None:
+                    break
+                self.start, self.left = nxt
+            k = min(n, self.left)
+            spans.append((self.start, k))
+            self.start += k
+            self.left -= k
+            n -= k
+        return spans
+
+
+def span_block(spans, k):
+    """Block number of the k-th block covered by spans."""
+    for start, count in spans:
+        if k < count:
+            return start + k
+        k -= count
+    return None
+
+
+def emit_spans(sink, spans, payload, bs):
+    """Write payload (the blocks of spans, back to back) to the sink."""
+    pos = 0
+    for start, count in spans:
+        n = count * bs
+        sink.write(start * bs, payload[pos:pos + n])
+        pos += n
+
+
+def read_fully(stream, n, what):
+    """Read n bytes in CHUNK pieces (memory follows the data actually there)."""
+    if n <= CHUNK:
+        data = stream.read(n)
+    else:
+        parts, left = [], n
+        while left:
+            part = stream.read(min(left, CHUNK))
+            if not part:
+                break
+            parts.append(part)
+            left -= len(part)
+        data = b"".join(parts)
+    if len(data) < n:
+        raise FormatError("image is truncated inside the %s (%d of %d bytes)" % (what, len(data), n))
+    return data
+
+
+class Image:
+    """What every format reader offers (see the section comment)."""
+
+    format = None
+
+    def __init__(self, stream, container, name):
+        self.stream = stream
+        self.container = container
+        self.name = name
+        self.filesystem = None
+        self.size = None
+        self.block_size = None
+        self.total_blocks = None
+        self.used_blocks = None
+        self.checksum = "none"
+        self.header_problems = []     # found while opening; reported by scan()
+        self.extra = {}
+
+    def info(self):
+        d = {"format": self.format, "filesystem": self.filesystem, "size": self.size,
+             "block_size": self.block_size, "used_blocks": self.used_blocks,
+             "total_blocks": self.total_blocks, "checksum": self.checksum,
+             "compression": self.container.get("compression"),
+             "pieces": self.container.get("pieces")}
+        d.update(self.extra)
+        return d
+
+    def scan(self, sink, report, progress):
+        raise NotImplementedError
+
+    def _progress(self, progress):
+        if progress is not None:
+            progress.update_to(self.stream.consumed())
+
+
+def check_sizes(block_size, total_blocks, device_size, what):
+    """Refuse absurd header values before anything is allocated."""
+    if not 1 <= block_size <= 1 << 26:
+        raise FormatError("%s: absurd block size %d" % (what, block_size))
+    if total_blocks > 1 << 42 or total_blocks * block_size > 1 << 62:
+        raise FormatError("%s: absurd block count %d" % (what, total_blocks))
+    if device_size > 1 << 62:
+        raise FormatError("%s: absurd device size %d" % (what, device_size))
+
+
+# --- partclone -------------------------------------------------------------
+
+PARTCLONE_CHECKSUMS = {   # mode on disk -> (name, size of the stored value)
+    0x00: ("none", 0),
+    0x20: ("crc32", 4),
+    0x30: ("xxh64", 8),
+    0x31: ("xxh128", 16),
+}
+
+
+class PartcloneImage(Image):
+    """partclone image formats 0001 and 0002."""
+
+    format = "partclone"
+    MAGIC = b"partclone-image"
+    V2_HEADER = 110
+    V1_HEADER = 4160
+
+    def __init__(self, stream, container, name):
+        Image.__init__(self, stream, container, name)
+        head = read_fully(stream, 36, "partclone header")
+        version = head[30:34]
+        if version == b"0002":
+            self._open_v2(head + read_fully(stream, self.V2_HEADER - 36, "partclone header"))
+        elif version == b"0001":
+            self._open_v1(head + read_fully(stream, self.V1_HEADER - 36, "partclone header"))
+        else:
+            raise FormatError("unsupported partclone image version %r" % cstr(version))
+
+    def _open_v2(self, h):
+        if h[34:36] == b"\xde\xc0":
+            e = "<"
+        elif h[34:36] == b"\xc0\xde":
+            e = ">"
+        else:
+            raise FormatError("partclone header has no valid endian marker")
+        self.endian = e
+        fs = cstr(h[36:52])
+        device_size, total, used, used_bitmap, bs = struct.unpack_from(e + "QQQQI", h, 52)
+        _feature, image_version, cpu_bits, mode, csize, bpc, reseed, bitmap_mode = \
+            struct.unpack_from(e + "IHHHHIBB", h, 88)
+        (stored_crc,) = struct.unpack_from(e + "I", h, 106)
+        check_sizes(bs, total, device_size, "partclone header")
+        if crc32_partclone(h[:106]) != stored_crc:
+            self.header_problems.append(Problem("structure", "partclone header CRC mismatch",
+                                                image_offset=106))
+        if mode not in PARTCLONE_CHECKSUMS:
+            raise FormatError("partclone header has unknown checksum mode %#x" % mode)
+        name, size = PARTCLONE_CHECKSUMS[mode]
+        if size and csize != size:
+            raise FormatError("partclone header: checksum size %d does not fit %s" % (csize, name))
+        if size and not 1 <= bpc <= 1 << 30:
+            raise FormatError("partclone header: absurd blocks per checksum %d" % bpc)
+        if bitmap_mode != 1:
+            raise FormatError("partclone bitmap mode %d is not supported" % bitmap_mode)
+        if used > total:
+            raise FormatError("partclone header: %d used blocks of %d" % (used, total))
+        self.filesystem, self.block_size, self.total_blocks = fs, bs, total
+        self.size = device_size
+        self.header_used = used
+        self.checksum, self.csum_size = name, size
+        self.bpc = bpc if size else 0
+        self.reseed = bool(reseed)
+        self.digest_kind = name
+        nbytes = (total + 7) // 8
+        self._check_room(self.V2_HEADER + nbytes + 4, "bitmap")
+        self.bitmap = read_fully(self.stream, nbytes, "bitmap")
+        (bitmap_crc,) = struct.unpack(e + "I", read_fully(self.stream, 4, "bitmap"))
+        if crc32_partclone(self.bitmap) != bitmap_crc:
+            self.header_problems.append(Problem("structure", "partclone bitmap CRC mismatch",
+                                                image_offset=self.V2_HEADER + nbytes))
+        self.data_start = self.V2_HEADER + nbytes + 4
+        self.used_blocks = self._bitmap_used()
+        self.runs = lambda: bit_runs_clipped(self.bitmap, self.total_blocks)
+        self.extra = {"image_version": "0002", "tool_version": cstr(h[16:30]),
+                      "blocks_per_checksum": self.bpc or None,
+                      "checksum_size": size, "reseed": self.reseed if size else None,
+                      "endian": "little" if e == "<" else "big", "cpu_bits": cpu_bits,
+                      "header_used_blocks": used}
+        del image_version, used_bitmap
+
+    def _bitmap_used(self):
+        tail = self.total_blocks % 8
+        used = popcount(self.bitmap[:self.total_blocks // 8])
+        if tail:
+            used += bin(self.bitmap[-1] & ((1 << tail) - 1)).count("1")
+        if used != self.header_used:
+            self.header_problems.append(Problem(
+                "structure", "bitmap marks %d blocks used but the header says %d"
+                % (used, self.header_used), image_offset=self.V2_HEADER))
+        return used
+
+    def _open_v1(self, h):
+        fs = cstr(h[15:30])
+        bs, device_size, total, used = struct.unpack_from("<iQQQ", h, 36)
+        check_sizes(bs, total, device_size, "partclone header")
+        if used > total:
+            raise FormatError("partclone header: %d used blocks of %d" % (used, total))
+        self.endian = "<"
+        self.filesystem, self.block_size, self.total_blocks = fs, bs, total
+        self.size = device_size
+        self._check_room(self.V1_HEADER + total + 8, "bitmap")
+        self.bitmap = read_fully(self.stream, total, "bitmap")
+        if read_fully(self.stream, 8, "bitmap") != b"BiTmAgIc":
+            raise FormatError("partclone 0001 bitmap does not end in its magic")
+        self.data_start = self.V1_HEADER + total + 8
+        stray = len(self.bitmap) - self.bitmap.count(0) - self.bitmap.count(1)
+        if stray:
+            raise FormatError("partclone 0001 bitmap holds %d bytes that are neither 0 nor 1" % stray)
+        self.used_blocks = self.bitmap.count(1)
+        if self.used_blocks != used:
+            self.header_problems.append(Problem(
+                "structure", "bitmap marks %d blocks used but the header says %d"
+                % (self.used_blocks, used), image_offset=self.V1_HEADER))
+        self.runs = lambda: byte_runs(self.bitmap)
+        self.csum_size = self._v1_field_size()
+        self.checksum, self.bpc, self.reseed = "crc32", 1, False
+        self.digest_kind = "crc32-v1"
+        self.extra = {"image_version": "0001", "tool_version": None, "blocks_per_checksum": 1,
+                      "checksum_size": self.csum_size, "reseed": False, "endian": "little",
+                      "header_used_blocks": used}
+
+    def _v1_field_size(self):
+        """0001 images store each CRC in 4 or 8 bytes (the writer's `unsigned long`)."""
+        bs, used = self.block_size, self.used_blocks
+        if self.stream.size is not None:
+            room = self.stream.size - self.data_start
+            for size in (4, 8):
+                if room == used * (bs + size):
+                    return size
+        if not used or not hasattr(self.stream, "peek"):
+            return 4
+        n = min(used, 2)
+        for size in (4, 8):
+            head = self.stream.peek(n * (bs + size))
+            digest = make_digest("crc32-v1", False, field_size=size)
+            ok = len(head) == n * (bs + size)
+            for i in range(n):
+                o = i * (bs + size)
+                if not ok or digest(head[o:o + bs]) != head[o + bs:o + bs + size]:
+                    ok = False
+            if ok:
+                return size
+        return 4
+
+    def _check_room(self, need, what):
+        if self.stream.size is not None and need > self.stream.size:
+            raise FormatError("image is truncated: the %s needs %d bytes, the file has %d"
+                              % (what, need, self.stream.size))
+
+    def image_length(self):
+        """Expected length of the whole image file."""
+        groups = -(-self.used_blocks // self.bpc) if self.csum_size else 0
+        return self.data_start + self.used_blocks * self.block_size + groups * self.csum_size
+
+    def scan(self, sink, report, progress=None):
+        for p in self.header_problems:
+            report(p)
+        bs, cs, used = self.block_size, self.csum_size, self.used_blocks
+        bpc = self.bpc if cs else 0
+        digest = make_digest(self.digest_kind, self.reseed, self.endian, cs) if cs else None
+        if bpc:
+            stride = bpc * bs + cs
+            chunk_blocks = bpc * max(1, CHUNK // stride)
+        else:
+            chunk_blocks = max(1, CHUNK // bs)
+        cursor = SpanCursor(self.runs())
+        done, offset = 0, self.data_start
+        want_data = sink.wants_data
+        while done < used:
+            nb = min(chunk_blocks, used - done)
+            ngroups = -(-nb // bpc) if bpc else 0
+            nbytes = nb * bs + ngroups * cs
+            buf = self.stream.read(nbytes)
+            spans = cursor.take(nb)
+            if len(buf) < nbytes:
+                self._truncated(sink, report, buf, spans, done, offset, digest)
+                return
+            if bpc:
+                mv = memoryview(buf)
+                datas = []
+                for g in range(ngroups):
+                    o = g * stride
+                    dl = min(bpc, nb - g * bpc) * bs
+                    d = mv[o:o + dl]
+                    if digest(d) != mv[o + dl:o + dl + cs]:
+                        self._bad_group(report, spans, g * bpc, dl // bs, offset + o)
+                    if want_data:
+                        datas.append(d)
+                payload = b"".join(datas) if want_data else None
+            else:
+                payload = buf
+            if want_data:
+                emit_spans(sink, spans, payload, bs)
+            done += nb
+            offset += nbytes
+            self._progress(progress)
+        rest = self.stream.read(1)
+        if rest:
+            report(Problem("structure", "data continues after the last block", image_offset=offset))
+
+    def _bad_group(self, report, spans, first, count, image_offset):
+        bs = self.block_size
+        b0, b1 = span_block(spans, first), span_block(spans, first + count - 1)
+        report(Problem("checksum", "checksum mismatch", image_offset=image_offset,
+                       byte_range=(b0 * bs, min((b1 + 1) * bs, self.size)), block_range=(b0, b1)))
+
+    def _truncated(self, sink, report, buf, spans, done, offset, digest):
+        """The image ends early: keep the complete blocks, report the missing ones."""
+        bs, cs, bpc = self.block_size, self.csum_size, self.bpc if self.csum_size else 0
+        stride = bpc * bs + cs if bpc else bs
+        complete = (len(buf) // stride) * (bpc or 1) if bpc else len(buf) // bs
+        if bpc:
+            groups = len(buf) // stride
+            datas = []
+            for g in range(groups):
+                d = buf[g * stride:g * stride + bpc * bs]
+                if digest(d) != buf[g * stride + bpc * bs:(g + 1) * stride]:
+                    self._bad_group(report, spans, g * bpc, bpc, offset + g * stride)
+                datas.append(d)
+            payload = b"".join(datas)
+        else:
+            payload = buf[:complete * bs]
+        if sink.wants_data and complete:
+            emit_spans(sink, SpanCursor(spans).take(complete), payload, bs)
+        missing = self.used_blocks - done - complete
+        first = span_block(spans, complete)
+        report(Problem("truncated", "image is truncated: %d used blocks are missing" % missing,
+                       image_offset=offset + (complete // (bpc or 1)) * stride if bpc else
+                       offset + complete * bs,
+                       byte_range=(first * bs, self.size), block_range=(first, self.total_blocks - 1)))
+
+
+# --- ntfsclone -------------------------------------------------------------
+#
+# A 56-byte header (10.x; pre-10 images start their data at byte 46), then a
+# command stream: 0x00 + s64 count skips clusters, 0x01 + one cluster writes
+# the next.  There are no checksums; verify checks structure and counts.
+# 10.1 always ends with a record for cluster nr_clusters, the backup boot
+# sector, which is shorter than a cluster when the device ends inside it.
+
+class NtfscloneImage(Image):
+    """ntfsclone --save-image images (10.0, 10.1 and older)."""
+
+    format = "ntfsclone"
+    MAGIC = b"\0ntfsclone-image"
+
+    def __init__(self, stream, container, name):
+        Image.__init__(self, stream, container, name)
+        h = read_fully(stream, 50, "ntfsclone header")
+        major, minor = h[16], h[17]
+        if major > 10:
+            raise FormatError("ntfsclone image version %d.%d is newer than this reader" % (major, minor))
+        cs, device_size, nr_clusters, inuse = struct.unpack_from("<IQqQ", h, 18)
+        if major >= 10:
+            (offset,) = struct.unpack_from("<I", h, 46)
+            if not 50 <= offset <= 1 << 16:
+                raise FormatError("ntfsclone header: absurd data offset %d" % offset)
+            read_fully(stream, offset - 50, "ntfsclone header")
+        else:
+            offset = 46
+            stream_head = h[46:]            # pre-10 data starts inside what we read
+            stream = _Prepend(stream, stream_head)
+            self.stream = stream
+        if cs & (cs - 1) or not 256 <= cs <= 1 << 26:
+            raise FormatError("ntfsclone header: absurd cluster size %d" % cs)
+        if nr_clusters < 0:
+            raise FormatError("ntfsclone header: negative cluster count")
+        check_sizes(cs, nr_clusters, device_size, "ntfsclone header")
+        if inuse > nr_clusters + 1:
+            raise FormatError("ntfsclone header: %d clusters in use of %d" % (inuse, nr_clusters))
+        self.filesystem = "NTFS"
+        self.block_size, self.total_blocks, self.used_blocks = cs, nr_clusters, inuse
+        self.size = device_size
+        self.data_start = offset
+        self.version = (major, minor)
+        self.extra = {"image_version": "%d.%d" % (major, minor), "tool_version": None}
+
+    def scan(self, sink, report, progress=None):
+        """Walk the command stream; runs of consecutive clusters are found with
+        a strided slice (C speed) instead of one Python step per cluster."""
+        cs, nr, size = self.block_size, self.total_blocks, self.size
+        rec = cs + 1
+        # clusters below `full` always carry cs bytes; the one at the device's end may be short
+        full = max(0, -(-size // cs) - 1)
+        end_pos = nr + 1 if self.version >= (10, 1) else nr
+        buf, p, base = b"", 0, self.data_start     # base: image offset of buf[0]
+        pos, nexts, eof, reordered = 0, 0, False, False
+        want = sink.wants_data
+        monotonic = getattr(sink, "sequential", False)
+        while pos < end_pos or (pos == end_pos and not eof and self.version < (10, 1)):
+            if len(buf) - p < rec + 9 and not eof:
+                more = self.stream.read(CHUNK)
+                eof = not more
+                base += p
+                buf, p = buf[p:] + more, 0
+                self._progress(progress)
+                continue
+            if p >= len(buf):
+                break
+            cmd = buf[p]
+            if cmd == 1:
+                if pos >= full:                     # the last, possibly short, cluster
+                    n = size - pos * cs
+                    if n <= 0 or pos > nr:
+                        report(Problem("structure", "cluster record beyond the device end",
+                                       image_offset=base + p, block_range=(pos, pos)))
+                        return
+                    n = min(n, cs)
+                    if len(buf) - p < 1 + n:
+                        break
+                    if want:
+                        sink.write(pos * cs, buf[p + 1:p + 1 + n])
+                    p += 1 + n
+                    pos += 1
+                    nexts += 1
+                    continue
+                avail = min((len(buf) - p) // rec, full - pos)
+                if not avail:
+                    break
+                strided = buf[p:p + avail * rec:rec]
+                k = len(strided) - len(strided.lstrip(b"\x01"))
+                if want:
+                    payload = b"".join([buf[q + 1:q + rec] for q in range(p, p + k * rec, rec)])
+                    sink.write(pos * cs, payload)
+                p += k * rec
+                pos += k
+                nexts += k
+            elif cmd == 0:
+                if len(buf) - p < 9:
+                    break
+                (count,) = struct.unpack_from("<q", buf, p + 1)
+                if count == 0 or not 0 <= pos + count <= nr:
+                    report(Problem("structure", "invalid gap of %d clusters at cluster %d" % (count, pos),
+                                   image_offset=base + p))
+                    return
+                if count < 0:
+                    reordered = True
+                if count < 0 and monotonic:
+                    raise OutputError("this ntfsclone image stores clusters out of order "
+                                      "(a metadata image); extract it to a file or device, not a stream")
+                pos += count
+                p += 9
+            else:
+                report(Problem("structure", "invalid command byte %#x" % cmd, image_offset=base + p))
+                return
+        offset = base + p
+        if pos < end_pos and not (pos == nr and self.version >= (10, 1) and p >= len(buf) and eof):
+            report(Problem("truncated", "image is truncated at cluster %d of %d" % (pos, nr),
+                           image_offset=offset, byte_range=(pos * cs, size),
+                           block_range=(pos, max(pos, nr - 1))))
+            return
+        if pos == nr and self.version >= (10, 1):
+            report(Problem("structure", "the record of the backup boot sector is missing",
+                           image_offset=offset))
+        if pos == nr + 1:
+            nexts -= 1                      # the backup boot sector is not counted in use
+        if nexts != self.used_blocks and not reordered:   # metadata images differ by design
+            report(Problem("structure", "image holds %d clusters but the header says %d in use"
+                           % (nexts, self.used_blocks)))
+        if len(buf) > p or self.stream.read(1):
+            report(Problem("structure", "data continues after the last cluster", image_offset=offset))
+        self._progress(progress)
+
+
+class _Prepend(Source):
+    """A stream with some bytes put back in front of it."""
+
+    def __init__(self, inner, head):
+        self.inner, self.head = inner, head
+        self.input_size, self.size = inner.input_size, inner.size
+
+    def read(self, n):
+        if self.head:
+            data, self.head = self.head[:n], self.head[n:]
+            return data + self.inner.read(n - len(data)) if len(data) < n else data
+        return self.inner.read(n)
+
+    def consumed(self):
+        return self.inner.consumed()
+
+    def close(self):
+        self.inner.close()
+
+
+# --- partimage -------------------------------------------------------------
+#
+# Every volume file (NAME.000, NAME.001 ...; each may be gzip or bzip2
+# compressed as a whole) starts with a 512-byte volume header.  Without those
+# headers the volumes join into one logical stream:
+#   main header (16384) + sum, MBR backups, 10 empty EXT records,
+#   local header (16384) + sum, bitmap, info block (16384) + sum,
+#   data: used blocks with a 16-byte CHK record after every 64 KiB of data,
+#   tail magic + main tail (16384) holding a 64-bit sum of every byte before it.
+# Each part is announced by an ASCII magic.  Header "CRCs" are sums of signed
+# bytes; CHK records hold a standard CRC-32.
+
+PI_VOLUME_HEADER = 512
+PI_HEADER = 16384
+PI_CHECK_EVERY = 65536
+PI_CHK = struct.Struct("<4sIQ")
+PI_COMPRESSION = {0: None, 1: "gzip", 2: "bzip2", 3: "lzo"}
+
+
+def signed_byte_sum(data):
+    """partimage's header check: the sum of the bytes taken as signed chars."""
+    high = len(data) - len(bytes(data).translate(None, _HIGH_BYTES))
+    return (sum(data) - 256 * high) & M32
+
+
+_HIGH_BYTES = bytes(range(128, 256))
+
+
+class PartimageVolumes(Source):
+    """The logical partimage stream: volumes joined without their headers."""
+
+    MAGIC = b"PaRtImAgE-VoLuMe"
+
+    def __init__(self, first, path):
+        self.cur = first
+        self.path = path
+        self.number = 0
+        self.sum = 0                 # running unsigned byte sum (for the tail check)
+        self.summing = True
+        self.input_done = 0
+        self.input_size, self.volume_count = self._volumes_size(path)
+        self.size = None
+        self.missing = None
+        head = self._volume_header(first, 0)
+        self.ident = head[100:108]
+        self.version = cstr(head[32:96])
+
+    @staticmethod
+    def _volumes_size(path):
+        """(total bytes, number) of the volume files present from this one on."""
+        if path == "-":
+            return None, 1
+        m = re.match(r"^(.*)\.(\d{3})$", path)
+        if not m:
+            return os.path.getsize(path), 1
+        total, i = 0, int(m.group(2))
+        while os.path.exists("%s.%03d" % (m.group(1), i)):
+            total += os.path.getsize("%s.%03d" % (m.group(1), i))
+            i += 1
+        return total, i - int(m.group(2))
+
+    def _volume_header(self, stream, number):
+        head = stream.read(PI_VOLUME_HEADER)
+        if len(head) < PI_VOLUME_HEADER or not head.startswith(self.MAGIC):
+            raise FormatError("partimage volume %d has no valid volume header" % number)
+        (vol,) = struct.unpack_from("<I", head, 96)
+        if vol != number:
+            raise FormatError("partimage volume %d says it is volume %d" % (number, vol))
+        if number and head[100:108] != self.ident:
+            raise FormatError("partimage volume %d belongs to another image set" % number)
+        return head
+
+    def _next_volume(self):
+        m = re.match(r"^(.*)\.(\d{3})$", self.path) if self.path != "-" else None
+        if not m:
+            return False
+        nxt = "%s.%03d" % (m.group(1), int(m.group(2)) + self.number + 1)
+        if not os.path.exists(nxt):
+            self.missing = nxt
+            return False
+        self.input_done += self.cur.consumed()
+        self.cur.close()
+        self.cur, _container = open_stream(nxt)
+        self.number += 1
+        self._volume_header(self.cur, self.number)
+        return True
+
+    def read(self, n):
+        parts, want = [], n
+        while want > 0:
+            data = self.cur.read(want)
+            if data:
+                parts.append(data)
+                want -= len(data)
+            elif not self._next_volume():
+                break
+        data = b"".join(parts) if len(parts) != 1 else parts[0]
+        if self.summing:
+            self.sum += sum(data)
+        return data
+
+    def consumed(self):
+        return self.input_done + self.cur.consumed()
+
+    def close(self):
+        self.cur.close()
+
+
+class PartimageImage(Image):
+    """partimage 0.6 images (format string 0.6.0/0.6.1), single or multi-volume."""
+
+    format = "partimage"
+    MAGIC = PartimageVolumes.MAGIC
+
+    def __init__(self, stream, container, name):
+        vols = PartimageVolumes(stream, name)
+        Image.__init__(self, vols, container, name)
+        self.offset = 0                       # offset in the logical stream
+        main = self._take(PI_HEADER, "main header")
+        self._header_sum(main, "main header")
+        (compression, flags) = struct.unpack_from("<II", main, 9540)
+        (part_size,) = struct.unpack_from("<Q", main, 9592)
+        mbr_count, mbr_size, encrypt = struct.unpack_from("<III", main, 9792)
+        if encrypt:
+            raise FormatError("encrypted partimage images are not supported")
+        if mbr_count > 1024 or (mbr_count and mbr_size != 2048):
+            raise FormatError("partimage main header: absurd MBR backup count/size %d/%d"
+                              % (mbr_count, mbr_size))
+        self._magic(b"MAGIC-BEGIN-MBRBACKUP")
+        for i in range(mbr_count):
+            mbr = self._take(mbr_size, "MBR backup")
+            if signed_byte_sum(mbr[:512]) != struct.unpack_from("<I", mbr, 512)[0]:
+                self.header_problems.append(Problem("structure", "MBR backup %d sum mismatch" % i,
+                                                    image_offset=self.offset - mbr_size))
+        for i in range(10):
+            self._magic(b"MAGIC-BEGIN-EXT%03d" % i)
+            (n,) = struct.unpack("<I", self._take(4, "extension record"))
+            if n > 64 * MiB:
+                raise FormatError("partimage extension record %d is absurdly long" % i)
+            self._take(n, "extension record")
+        self._magic(b"MAGIC-BEGIN-LOCALHEADER")
+        local = self._take(PI_HEADER, "local header")
+        self._header_sum(local, "local header")
+        bs, used, total, bitmap_size = struct.unpack_from("<QQQQ", local, 0)
+        check_sizes(bs, total, part_size, "partimage local header")
+        if used > total or not (total + 7) // 8 <= bitmap_size <= (total + 7) // 8 + 4096:
+            raise FormatError("partimage local header: inconsistent block counts")
+        self._magic(b"MAGIC-BEGIN-BITMAP")
+        self.bitmap_offset = self.offset
+        self.bitmap = self._take(bitmap_size, "bitmap")
+        self._magic(b"MAGIC-BEGIN-INFO")
+        self._header_sum(self._take(PI_HEADER, "info block"), "info block")
+        self._magic(b"MAGIC-BEGIN-DATABLOCKS")
+        self.data_start = self.offset
+        self.filesystem = cstr(main[0:512])
+        self.size = part_size
+        self.block_size, self.total_blocks = bs, total
+        self.used_blocks = popcount(self.bitmap[:total // 8]) + \
+            (bin(self.bitmap[total // 8] & ((1 << (total % 8)) - 1)).count("1") if total % 8 else 0)
+        if self.used_blocks != used:
+            self.header_problems.append(Problem(
+                "structure", "bitmap marks %d blocks used but the header says %d"
+                % (self.used_blocks, used), image_offset=self.bitmap_offset))
+        self.checksum = "crc32"
+        self.image_compression = PI_COMPRESSION.get(compression, compression)
+        self.extra = {"image_version": vols.version, "tool_version": cstr(main[9728:9792]),
+                      "blocks_per_checksum": PI_CHECK_EVERY // bs if PI_CHECK_EVERY % bs == 0 else None,
+                      "checksum_every_bytes": PI_CHECK_EVERY, "label": cstr(local[40:104]),
+                      "original_device": cstr(main[4608:5120]),
+                      "header_compression": self.image_compression}
+        container["pieces"] = vols.volume_count
+
+    def runs(self):
+        return bit_runs_clipped(self.bitmap, self.total_blocks)
+
+    def _take(self, n, what):
+        data = self.stream.read(n)
+        if len(data) < n:
+            hint = " (volume %s is missing)" % self.stream.missing if self.stream.missing else ""
+            raise FormatError("partimage image is truncated inside the %s%s" % (what, hint))
+        self.offset += n
+        return data
+
+    def _magic(self, magic):
+        got = self._take(len(magic), magic.decode())
+        if got != magic:
+            raise FormatError("partimage stream: expected %s at logical offset %d"
+                              % (magic.decode(), self.offset - len(magic)))
+
+    def _header_sum(self, data, what):
+        (stored,) = struct.unpack("<I", self._take(4, what))
+        if signed_byte_sum(data) != stored:
+            self.header_problems.append(Problem("structure", "partimage %s sum mismatch" % what,
+                                                image_offset=self.offset - 4))
+
+    def scan(self, sink, report, progress=None):
+        for p in self.header_problems:
+            report(p)
+        bs = self.block_size
+        total_data = self.used_blocks * bs
+        nchk = total_data // PI_CHECK_EVERY
+        tail_bytes = total_data - nchk * PI_CHECK_EVERY     # after the last CHK, unchecked
+        cursor = SpanCursor(self.runs())
+        want = sink.wants_data
+        stride = PI_CHECK_EVERY + PI_CHK.size
+        per_chunk = max(1, CHUNK // stride)
+        done_data = 0                 # block data bytes consumed
+        pending = b""                 # data of a block cut by a chunk boundary
+        chunks = [(first, min(per_chunk, nchk - first)) for first in range(0, nchk, per_chunk)]
+        if tail_bytes:
+            chunks.append((nchk, 0))
+        for first, groups in chunks:
+            nbytes = groups * stride if groups else tail_bytes
+            image_offset = self.offset
+            buf = self.stream.read(nbytes)
+            if len(buf) < nbytes:
+                hint = " (volume %s is missing)" % self.stream.missing if self.stream.missing else ""
+                report(Problem("truncated", "image is truncated%s: %d of %d used blocks present"
+                               % (hint, done_data // bs, self.used_blocks),
+                               image_offset=self.offset + len(buf)))
+                return
+            self.offset += nbytes
+            mv = memoryview(buf)
+            datas = []
+            for g in range(groups):
+                o = g * stride
+                d = mv[o:o + PI_CHECK_EVERY]
+                magic, crc, _pos = PI_CHK.unpack_from(buf, o + PI_CHECK_EVERY)
+                if magic != b"CHK\0" or crc != zlib.crc32(d):
+                    self._bad(report, "CHK record mismatch" if magic == b"CHK\0" else
+                              "CHK record missing", image_offset + o,
+                              done_data + g * PI_CHECK_EVERY)
+                if want:
+                    datas.append(d)
+            if want:
+                payload = pending + (b"".join(datas) if groups else buf)
+                nblocks = len(payload) // bs
+                emit_spans(sink, cursor.take(nblocks), payload, bs)
+                pending = payload[nblocks * bs:]
+            done_data += groups * PI_CHECK_EVERY if groups else tail_bytes
+            self._progress(progress)
+        self.stream.summing = False
+        tail_magic = self.stream.read(16)
+        self.stream.sum += sum(tail_magic)
+        tail = self.stream.read(PI_HEADER)
+        if tail_magic != b"MAGIC-BEGIN-TAIL" or len(tail) < 12:
+            hint = " (volume %s is missing)" % self.stream.missing if self.stream.missing else ""
+            report(Problem("truncated", "partimage tail is missing%s" % hint, image_offset=self.offset))
+            return
+        stored_sum, last_volume = struct.unpack_from("<QI", tail, 0)
+        if stored_sum != self.stream.sum & 0xFFFFFFFFFFFFFFFF:
+            report(Problem("checksum", "partimage tail sum mismatch (covers the whole image)",
+                           image_offset=self.offset + 16))
+        if last_volume != self.stream.number:
+            report(Problem("structure", "tail names volume %d as the last, but %d was the last read"
+                           % (last_volume, self.stream.number)))
+        if self.stream.read(1):
+            report(Problem("structure", "data continues after the tail"))
+
+    def _bad(self, report, what, image_offset, data_offset):
+        bs = self.block_size
+        u0 = data_offset // bs
+        u1 = (data_offset + PI_CHECK_EVERY - 1) // bs
+        b0, b1 = self._select(u0), self._select(u1)
+        report(Problem("checksum", what, image_offset=image_offset,
+                       byte_range=(b0 * bs, min((b1 + 1) * bs, self.size)), block_range=(b0, b1)))
+
+    def _select(self, k):
+        """Block number of the k-th used block (a walk; only used on errors)."""
+        for start, count in self.runs():
+            if k < count:
+                return start + k
+            k -= count
+        return self.total_blocks - 1
+
+
+# --- raw -------------------------------------------------------------------
+
+class RawImage(Image):
+    """A plain partition image (dd): the stream is the partition."""
+
+    format = "raw"
+
+    def __init__(self, stream, container, name):
+        Image.__init__(self, stream, container, name)
+        self.size = stream.size if not container.get("compression") else None
+
+    def scan(self, sink, report, progress=None):
+        offset = 0
+        while True:
+            data = self.stream.read(CHUNK)
+            if not data:
+                break
+            if sink.wants_data:
+                sink.write(offset, data)
+            offset += len(data)
+            self._progress(progress)
+        if self.size is None:
+            self.size = offset
+        elif offset != self.size:
+            report(Problem("truncated", "raw image shrank while being read", image_offset=offset))
+
+
+# Magic at offset 0 of the decompressed stream -> reader.  Anything else is raw.
+FORMATS = [
+    (PartcloneImage.MAGIC, PartcloneImage),
+    (NtfscloneImage.MAGIC, NtfscloneImage),
+    (PartimageImage.MAGIC, PartimageImage),
+]
+
+
+def open_image(path):
+    """Open IMAGE and return the reader for its format."""
+    stream, container = open_stream(path)
+    try:
+        head = stream.peek(64)
+        for magic, reader in FORMATS:
+            if head.startswith(magic):
+                return reader(stream, container, path)
+        if not head:
+            raise FormatError("%s is empty" % path)
+        return RawImage(stream, container, path)
+    except BaseException:
+        stream.close()
+        raise
+
+
+# ===========================================================================
+# Outputs of a scan: nothing (verify), a file, a block device, a stream
+# ===========================================================================
+
+class NullSink:
+    """verify: the data is checked, not kept."""
+
+    wants_data = False
+
+    def write(self, offset, data):
+        pass
+
+    def finish(self, size):
+        pass
+
+
+class FileSink:
+    """A regular file (sparse: unused blocks stay holes) or a block device."""
+
+    wants_data = True
+
+    def __init__(self, fd, size, truncate):
+        self.fd, self.size, self.truncate = fd, size, truncate
+
+    def write(self, offset, data):
+        if self.size is not None and offset + len(data) > self.size:
+            data = data[:max(0, self.size - offset)]
+        view = memoryview(data)
+        while len(view):
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def finish(self, size):
+        if self.truncate:
+            os.ftruncate(self.fd, size)
+
+
+class StreamSink:
+    """stdout or a pipe: written in order, zeros for unused blocks."""
+
+    wants_data = True
+
+    def __init__(self, fd, size):
+        self.fd, self.size, self.pos = fd, size, 0
+
+    def _write(self, data):
+        view = memoryview(data)
+        while len(view):
+            n = os.write(self.fd, view)
+            view = view[n:]
+        self.pos += len(data)
+
+    def _zeros(self, n):
+        while n > 0:
+            k = min(n, len(_ZEROS))
+            self._write(_ZEROS[:k] if k < len(_ZEROS) else _ZEROS)
+            n -= k
+
+    def write(self, offset, data):
+        if self.size is not None and offset + len(data) > self.size:
+            data = data[:max(0, self.size - offset)]
+        if offset > self.pos:
+            self._zeros(offset - self.pos)
+        self._write(data)
+
+    def finish(self, size):
+        self._zeros(size - self.pos)
+
+
+# ===========================================================================
+# Commands
+# ===========================================================================
+
+def say(args, text):
+    if not args.quiet:
+        sys.stderr.write(text + "\n")
+
+
+def describe(image):
+    """One line: what this image is."""
+    parts = ["%s image" % image.format]
+    if image.filesystem:
+        parts.append("of %s" % image.filesystem)
+    parts.append("partition %s" % (human(image.size) if image.size is not None else "size unknown"))
+    if image.used_blocks is not None:
+        parts.append("%d of %d blocks of %d bytes used" % (image.used_blocks, image.total_blocks,
+                                                            image.block_size))
+    if image.checksum != "none":
+        parts.append("checksum %s" % image.checksum)
+    comp = image.container.get("compression")
+    if comp:
+        parts.append("%s-compressed" % comp)
+    if image.container.get("pieces", 1) > 1:
+        parts.append("%d pieces" % image.container["pieces"])
+    return ", ".join(parts)
+
+
+def cmd_info(args):
+    image = open_image(args.image)
+    try:
+        d = image.info()
+        if args.json:
+            print(json.dumps(d, sort_keys=True))
+            return 0
+        width = max(len(k) for k in d)
+        for key, value in d.items():
+            if value is None:
+                value = "-"
+            elif key == "size":
+                value = "%d bytes (%s)" % (value, human(value))
+            elif isinstance(value, bool):
+                value = "yes" if value else "no"
+            print("%-*s  %s" % (width, key, value))
+        for p in image.header_problems:
+            print("warning: %s" % p)
+        return 0
+    finally:
+        image.stream.close()
+
+
+def run_scan(image, sink, report, quiet, desc):
+    progress = Progress(image.stream.input_size, desc, quiet)
+    try:
+        image.scan(sink, report, progress)
+    finally:
+        progress.close()
+
+
+def cmd_verify(args):
+    image = open_image(args.image)
+    try:
+        say(args, "%s: %s" % (args.image, describe(image)))
+        problems = []
+
+        def report(p):
+            problems.append(p)
+            print("BAD: %s" % p, flush=True)
+        start = time.monotonic()
+        run_scan(image, NullSink(), report, args.quiet, "verify")
+        took = time.monotonic() - start
+    finally:
+        image.stream.close()
+    if problems:
+        kinds = {}
+        for p in problems:
+            kinds[p.kind] = kinds.get(p.kind, 0) + 1
+        affected = sum(p.byte_range[1] - p.byte_range[0] for p in problems if p.byte_range)
+        print("%s: FAILED: %s; %s of the partition affected"
+              % (args.image, ", ".join("%d %s" % (n, k) for k, n in sorted(kinds.items())),
+                 human(affected)))
+        return 1
+    what = "checksums verified" if image.checksum != "none" else "structure read (no data checksums)"
+    print("%s: OK: %s, %s in %.1f s" % (args.image, what, human(image.size), took))
+    return 0
+
+
+def open_output(path, force, size, inputs):
+    """(fd, sink, created) for extract's OUTPUT."""
+    if path == "-":
+        return None, StreamSink(sys.stdout.fileno(), size), False
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise OutputError("cannot use %s: %s" % (path, e.strerror))
+    if st is not None:
+        for p in inputs:
+            try:
+                if os.path.samefile(p, path):
+                    raise OutputError("%s is the input image; refusing to overwrite it" % path)
+            except OSError:
+                pass
+        if stat.S_ISDIR(st.st_mode):
+            raise OutputError("%s is a directory" % path)
+        if stat.S_ISREG(st.st_mode) and not force:
+            raise OutputError("%s exists; use --force to overwrite it" % path)
+    try:
+        if st is not None and stat.S_ISBLK(st.st_mode):
+            fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+            dev_size = os.lseek(fd, 0, os.SEEK_END)
+            if size is not None and dev_size < size:
+                os.close(fd)
+                raise OutputError("%s holds %d bytes, the partition needs %d" % (path, dev_size, size))
+            return fd, FileSink(fd, size, truncate=False), False
+        if st is not None and not stat.S_ISREG(st.st_mode):      # /dev/null, a fifo
+            fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+            return fd, StreamSink(fd, size), False
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+        return fd, FileSink(fd, size, truncate=True), True
+    except OSError as e:
+        raise OutputError("cannot write %s: %s" % (path, e.strerror))
+
+
+def cmd_extract(args):
+    image = open_image(args.image)
+    fd = None
+    created = False
+    try:
+        say(args, "%s: %s" % (args.image, describe(image)))
+        inputs = getattr(image.stream, "paths", None) or [] if args.image == "-" else [args.image]
+        fd, sink, created = open_output(args.output, args.force, image.size, inputs)
+        warnings = []
+
+        def report(p):
+            if p.kind in ("checksum", "structure") and args.ignore_checksums:
+                warnings.append(p)
+                say(args, "warning: %s" % p)
+                return
+            raise ChecksumError(str(p)) if p.kind == "checksum" else FormatError(str(p))
+        start = time.monotonic()
+        run_scan(image, sink, report, args.quiet, "extract")
+        sink.finish(image.size)
+        if fd is not None:
+            os.close(fd)
+            fd = None
+        created = False
+        say(args, "%s: wrote %s (%d bytes) in %.1f s%s"
+            % (args.output, human(image.size), image.size, time.monotonic() - start,
+               "; %d checksum problems ignored" % len(warnings) if warnings else ""))
+        return 0
+    except OSError as e:
+        raise OutputError("writing %s failed: %s" % (args.output, e.strerror))
+    except VimageError as e:
+        if created:
+            e.args = (str(e) + "; %s removed" % args.output,)
+        raise
+    finally:
+        image.stream.close()
+        if fd is not None:
+            os.close(fd)
+        if created:
+            try:
+                os.unlink(args.output)
+            except OSError:
+                pass
+
+
+# ===========================================================================
+# Command line
+# ===========================================================================
+
+EPILOG = """examples:
+  %(p)s info sda1.ext4-ptcl-img.gz.aa          what is in this backup
+  %(p)s info --json nvme0n1p2.ntfs-img         the same as one JSON object
+  %(p)s verify sda1.ext4-ptcl-img.gz.aa        check every checksum, list bad places
+  %(p)s extract sda1.ext4-ptcl-img.gz.aa sda1.raw    restore to a sparse file
+  %(p)s extract hda1.partimg.000 /dev/sdb1     restore to a partition
+  zcat img.gz | %(p)s extract - - | md5sum     stream in, stream out
+""" % {"p": PROG}
+
+
+def build_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress and no chatter on stderr")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Read, verify, extract and mount partclone, ntfsclone, "
+        "partimage and raw disk-image backups (split and compressed too).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress and no chatter on stderr")
+    parser.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name, help_text, example):
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text,
+                           epilog="example:\n  " + example,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        return p
+    p = add("info", "show what an image holds",
+            "%s info sda1.ext4-ptcl-img.gz.aa --json" % PROG)
+    p.add_argument("image", help="image file, first piece of a split set, or - for stdin")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = add("verify", "read the whole image and check every checksum",
+            "%s verify sda1.ext4-ptcl-img.gz.aa" % PROG)
+    p.add_argument("image", help="image file, first piece of a split set, or - for stdin")
+    p = add("extract", "write the raw partition (to a sparse file, a device or stdout)",
+            "%s extract sda1.ext4-ptcl-img.gz.aa sda1.raw" % PROG)
+    p.add_argument("image", help="image file, first piece of a split set, or - for stdin")
+    p.add_argument("output", help="output file, block device, or - for stdout")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--ignore-checksums", action="store_true",
+                   help="write the data even where checksums do not match (listed as warnings)")
+    return parser
+
+
+COMMANDS = {"info": cmd_info, "verify": cmd_verify, "extract": cmd_extract}
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "quiet", False):
+        args.quiet = False
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except VimageError as e:
+        sys.stderr.write("%s: error: %s\n" % (PROG, e))
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        try:
+            sys.stdout = None
+        except Exception:
+            pass
+        return 1
+    except MemoryError:
+        sys.stderr.write("%s: error: out of memory\n" % PROG)
+        return 1
+    except OSError as e:
+        sys.stderr.write("%s: error: %s\n" % (PROG, e))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
