@@ -442,7 +442,7 @@ class DecompressSource(Source):
                 chunks.append(out)
                 have += len(out)
             if self.dec.eof:
-                rest = self.dec.unused_data
+                rest = self.dec.unused_data or b""
                 self.in_pos -= len(rest)
                 self.inbuf = rest + self.inbuf
                 self._advance(self.codec.finish_member(self.dec, self.inbuf, self))
@@ -680,6 +680,56 @@ def _lz4_decoder(head):
     return lz4.frame.LZ4FrameDecompressor(), 0
 
 
+class Lz4LegacySource(Source):
+    """lz4 legacy format (lz4 -l): magic, then blocks of u32 size + data, each
+    at most 8 MiB when decoded; a repeated magic starts a concatenated stream."""
+
+    MAGIC = b"\x02\x21\x4c\x18"
+
+    def __init__(self, raw, block):
+        self.raw, self.block = raw, block
+        self.input_size = raw.input_size
+        self.description = "lz4-legacy"
+        self.outbuf = b""
+        self.ended = False
+
+    def read(self, n):
+        parts, have = [self.outbuf], len(self.outbuf)
+        while have < n and not self.ended:
+            word = self.raw.read(4)
+            if not word:
+                self.ended = True
+                break
+            if len(word) < 4:
+                raise ContainerError("lz4 legacy stream is truncated")
+            if word == self.MAGIC:
+                continue
+            (csize,) = struct.unpack("<I", word)
+            if csize > 8 * MiB + 65536:
+                raise ContainerError("lz4 legacy block size %d is corrupt" % csize)
+            data = self.raw.read(csize)
+            if len(data) < csize:
+                raise ContainerError("lz4 legacy stream is truncated")
+            try:
+                out = self.block.decompress(data, uncompressed_size=8 * MiB)
+            except Exception as e:
+                raise ContainerError("lz4 legacy block is corrupt: %s" % e)
+            parts.append(out)
+            have += len(out)
+        out = b"".join(parts)
+        self.outbuf = out[n:]
+        return out[:n]
+
+    def consumed(self):
+        return self.raw.consumed()
+
+
+def _lz4_legacy_open(raw):
+    block = need_module("lz4.block", "reading lz4-compressed images", "lz4")
+    raw.read(4)
+    return Lz4LegacySource(raw, block)
+
+
 def _lzo_open(raw):
     lzo = need_module("lzo", "reading lzop-compressed images", "python-lzo")
     return LzopSource(raw, lzo)
@@ -773,11 +823,13 @@ CODECS = [
     Codec("zstd", b"\x28\xb5\x2f\xfd", None),
     Codec("zstd-pyzstd", b"\x28\xb5\x2f\xfd", lambda h: (_PyzstdDecoder(), 0)),
     Codec("lz4", b"\x04\x22\x4d\x18", _lz4_decoder, module="lz4.frame", pip_name="lz4"),
+    Codec("lz4-legacy", Lz4LegacySource.MAGIC, None),
     Codec("lzop", LzopSource.MAGIC, None),
 ]
 CODECS_BY_NAME = {c.name: c for c in CODECS}
 CODECS_BY_NAME["zstd"].open = _zstd_open
 CODECS_BY_NAME["lzop"].open = _lzo_open
+CODECS_BY_NAME["lz4-legacy"].open = _lz4_legacy_open
 DETECTED_CODECS = [c for c in CODECS if c.name != "zstd-pyzstd"]
 
 
@@ -1697,6 +1749,7 @@ class NtfscloneImage(Image):
         buf, p, base = b"", 0, self.data_start     # base: image offset of buf[0]
         pos, nexts, eof, reordered = 0, 0, False, False
         want = sink.wants_data
+        record = getattr(sink, "record", None)      # the index pass of mount
         monotonic = getattr(sink, "sequential", False)
         while pos < end_pos or (pos == end_pos and not eof and self.version < (10, 1)):
             if len(buf) - p < rec + 9 and not eof:
@@ -1719,6 +1772,8 @@ class NtfscloneImage(Image):
                     n = min(n, cs)
                     if len(buf) - p < 1 + n:
                         break
+                    if record:
+                        record(pos, 1, base + p)
                     if want:
                         sink.write(pos * cs, buf[p + 1:p + 1 + n])
                     p += 1 + n
@@ -1730,6 +1785,8 @@ class NtfscloneImage(Image):
                     break
                 strided = buf[p:p + avail * rec:rec]
                 k = len(strided) - len(strided.lstrip(b"\x01"))
+                if record and k:
+                    record(pos, k, base + p)
                 if want:
                     payload = b"".join([buf[q + 1:q + rec] for q in range(p, p + k * rec, rec)])
                     sink.write(pos * cs, payload)
@@ -2121,6 +2178,522 @@ def open_image(path):
 
 
 # ===========================================================================
+# Rank index and virtual partition: random access for `mount`
+# ===========================================================================
+#
+# A read of partition bytes [a, b) becomes: the used-block runs inside it
+# (from the bitmap), for each run the number of used blocks before it (the
+# rank), hence where its data sits in the image, and one large pread per run
+# from which the interleaved checksum fields are cut out.  Unused blocks are
+# zeros.  Nothing here keeps a file position, so reads are thread-safe.
+
+DEFAULT_INDEX_BITS = 4096
+
+
+class RankIndex:
+    """Used blocks before any block: cumulative popcounts every `step` bits
+    in an array('Q'), the rest popcounted on demand."""
+
+    def __init__(self, bitmap, nbits, step=DEFAULT_INDEX_BITS, bytemap=False):
+        if step < 64 or step % 64:
+            raise VimageError("--index-size must be a multiple of 64 bits, at least 64")
+        self.bitmap, self.nbits, self.bytemap = bitmap, nbits, bytemap
+        self.step = step
+        self.cum = array("Q")
+        total = 0
+        if bytemap:                       # partclone 0001: one byte per block
+            for i in range(0, nbits, step):
+                self.cum.append(total)
+                total += bitmap.count(1, i, min(i + step, nbits))
+        else:
+            sb = step // 8
+            whole = nbits // 8
+            for i in range(0, whole, sb):
+                self.cum.append(total)
+                total += popcount(bitmap[i:min(i + sb, whole)])
+            if nbits % 8:
+                if whole % sb == 0:
+                    self.cum.append(total)
+                total += bin(bitmap[whole] & ((1 << (nbits % 8)) - 1)).count("1")
+        self.total = total
+
+    def rank(self, block):
+        """Number of used blocks before `block` (0 <= block <= nbits)."""
+        if block >= self.nbits:
+            return self.total
+        i = block // self.step
+        r = self.cum[i]
+        start = i * self.step
+        if self.bytemap:
+            return r + self.bitmap.count(1, start, block)
+        r += popcount(self.bitmap[start // 8:block // 8])
+        if block % 8:
+            r += bin(self.bitmap[block // 8] & ((1 << (block % 8)) - 1)).count("1")
+        return r
+
+    def used_runs(self, first, end):
+        """Runs (start, count) of used blocks within [first, end)."""
+        end = min(end, self.nbits)
+        if first >= end:
+            return
+        if self.bytemap:
+            for m in _BYTE_RUN_RE.finditer(self.bitmap, first, end):
+                yield m.start(), m.end() - m.start()
+            return
+        base = first // 8 * 8
+        for start, count in bit_runs(self.bitmap[first // 8:(end + 7) // 8], end - base):
+            s, e = max(base + start, first), min(base + start + count, end)
+            if e > s:
+                yield s, e - s
+
+    def nbytes(self):
+        return self.cum.itemsize * len(self.cum)
+
+
+def cut_fields(buf, first, group, field):
+    """Remove the checksum fields from image bytes that hold data bytes from
+    data offset `first` on, a `field`-byte field after every `group` data bytes."""
+    if not field:
+        return buf
+    parts, pos, d = [], 0, first
+    mv = memoryview(buf)
+    while pos < len(buf):
+        take = group - d % group
+        parts.append(mv[pos:pos + take])
+        pos += take + field
+        d += take
+    return b"".join(parts)
+
+
+class BlockPartition:
+    """Random access to a partclone or partimage image on plain files."""
+
+    def __init__(self, image, pread, index_bits=DEFAULT_INDEX_BITS, verify_reads=False):
+        self.image, self.pread = image, pread
+        self.size, self.bs = image.size, image.block_size
+        if isinstance(image, PartimageImage):
+            self.group, self.field, bytemap = PI_CHECK_EVERY, PI_CHK.size, False
+            self.digest = None
+        else:
+            self.group = image.bpc * image.block_size if image.csum_size else 0
+            self.field = image.csum_size if image.csum_size else 0
+            bytemap = image.extra.get("image_version") == "0001"
+        self.base = image.data_start
+        self.data_len = image.used_blocks * self.bs
+        self.index = RankIndex(image.bitmap, image.total_blocks, index_bits, bytemap)
+        self.verify_reads = verify_reads
+        if verify_reads:
+            if isinstance(image, PartimageImage):
+                self.check = self._check_partimage
+            elif not image.csum_size or not image.reseed or bytemap:
+                raise VimageError("--verify-reads needs checksums that restart for every group "
+                                  "(this image: %s, reseed %s)" % (image.checksum, image.reseed))
+            else:
+                digest = make_digest(image.digest_kind, True, image.endian, image.csum_size)
+                self.check = lambda d, stored: digest(d) == stored
+
+    def image_pos(self, d):
+        """Image offset of data offset d (the used-block data, fields excluded)."""
+        return self.base + d + (d // self.group) * self.field if self.field else self.base + d
+
+    def data(self, d0, d1):
+        """Data bytes [d0, d1) of the used blocks, checksum fields removed."""
+        if self.verify_reads and self.field:
+            return self._verified(d0, d1)
+        start = self.image_pos(d0)
+        end = self.image_pos(d1 - 1) + 1
+        buf = self.pread(end - start, start)
+        if len(buf) < end - start:
+            raise OSError(errno.EIO, "image is truncated at offset %d" % (start + len(buf)))
+        return cut_fields(buf, d0, self.group, self.field) if self.field else buf
+
+    def _verified(self, d0, d1):
+        """Like data(), reading whole checksum groups and checking each one."""
+        g = self.group
+        g0, g1 = d0 // g * g, min(-(-d1 // g) * g, self.data_len)
+        partimage = isinstance(self.image, PartimageImage)
+        tail_field = not partimage or g1 % g == 0      # partimage's last partial group has none
+        start = self.image_pos(g0)
+        end = self.image_pos(g1 - 1) + 1 + (self.field if tail_field else 0)
+        buf = self.pread(end - start, start)
+        if len(buf) < end - start:
+            raise OSError(errno.EIO, "image is truncated at offset %d" % (start + len(buf)))
+        out, pos, d = [], 0, g0
+        while d < g1:
+            n = min(g, g1 - d)
+            chunk = buf[pos:pos + n]
+            if (n == g or not partimage) and not self.check(chunk, buf[pos + n:pos + n + self.field]):
+                raise OSError(errno.EIO, "checksum mismatch in the group at image offset %d "
+                              "(used-block data bytes %d-%d)" % (start + pos, d, d + n - 1))
+            out.append(chunk)
+            pos += n + self.field
+            d += n
+        return b"".join(out)[d0 - g0:d1 - g0]
+
+    @staticmethod
+    def _check_partimage(chunk, stored):
+        magic, crc, _pos = PI_CHK.unpack(stored)
+        return magic == b"CHK\0" and crc == zlib.crc32(chunk)
+
+    def read(self, offset, size):
+        end = min(offset + size, self.size)
+        if offset >= end:
+            return b""
+        bs = self.bs
+        out = bytearray(end - offset)
+        for start, count in self.index.used_runs(offset // bs, -(-end // bs)):
+            u = self.index.rank(start)
+            data = self.data(u * bs, (u + count) * bs)
+            a, b = max(start * bs, offset), min((start + count) * bs, end)
+            out[a - offset:b - offset] = memoryview(data)[a - start * bs:b - start * bs]
+        return bytes(out)
+
+
+class RunIndex:
+    """ntfsclone: runs of stored clusters, (first cluster, count, image offset
+    of the first record), merged where records follow each other."""
+
+    def __init__(self, rec):
+        self.rec = rec
+        self.starts, self.counts, self.offsets = array("Q"), array("Q"), array("Q")
+
+    def record(self, cluster, count, offset):
+        if self.starts:
+            last = len(self.starts) - 1
+            if self.starts[last] + self.counts[last] == cluster and \
+                    self.offsets[last] + self.counts[last] * self.rec == offset:
+                self.counts[last] += count
+                return
+        if self.starts and cluster < self.starts[-1]:
+            raise FormatError("this ntfsclone image stores clusters out of order "
+                              "(a metadata image) and cannot be mounted")
+        self.starts.append(cluster)
+        self.counts.append(count)
+        self.offsets.append(offset)
+
+    def nbytes(self):
+        return 3 * 8 * len(self.starts)
+
+
+class IndexSink:
+    """The sink of the ntfsclone index pass: keeps record positions, not data."""
+
+    wants_data = False
+    sequential = False
+
+    def __init__(self, index):
+        self.record = index.record
+
+    def write(self, offset, data):
+        pass
+
+    def finish(self, size):
+        pass
+
+
+class NtfsPartition:
+    """Random access to an ntfsclone image on plain files (after one index pass)."""
+
+    def __init__(self, image, pread, quiet=False):
+        self.image, self.pread = image, pread
+        self.size, self.cs = image.size, image.block_size
+        self.rec = self.cs + 1
+        self.index = RunIndex(self.rec)
+        problems = []
+        run_scan(image, IndexSink(self.index), problems.append, quiet, "index")
+        bad = [p for p in problems if p.kind != "structure" or "in use" not in p.message]
+        if bad:
+            raise FormatError("cannot index %s: %s" % (image.name, bad[0]))
+
+    def read(self, offset, size):
+        end = min(offset + size, self.size)
+        if offset >= end:
+            return b""
+        cs, rec, idx = self.cs, self.rec, self.index
+        out = bytearray(end - offset)
+        c0, c1 = offset // cs, -(-end // cs)
+        i = max(0, bisect.bisect_right(idx.starts, c0) - 1)
+        while i < len(idx.starts) and idx.starts[i] < c1:
+            s, n, o = idx.starts[i], idx.counts[i], idx.offsets[i]
+            a, b = max(s, c0), min(s + n, c1)
+            if b > a:
+                buf = self.pread((b - a) * rec, o + (a - s) * rec)
+                data = b"".join([buf[q + 1:q + rec] for q in range(0, len(buf), rec)])
+                lo, hi = max(a * cs, offset), min(a * cs + len(data), end)
+                if hi > lo:
+                    out[lo - offset:hi - offset] = data[lo - a * cs:hi - a * cs]
+            i += 1
+        return bytes(out)
+
+
+class RawPartition:
+    """A raw image is its own partition."""
+
+    def __init__(self, image, pread):
+        self.pread, self.size = pread, image.size
+
+    def read(self, offset, size):
+        return self.pread(max(0, min(size, self.size - offset)), offset)
+
+
+class VolumeSetReader:
+    """pread over the logical stream of uncompressed partimage volumes."""
+
+    def __init__(self, first_path):
+        m = re.match(r"^(.*)\.(\d{3})$", first_path)
+        paths = [first_path]
+        if m:
+            i = int(m.group(2)) + 1
+            while os.path.exists("%s.%03d" % (m.group(1), i)):
+                paths.append("%s.%03d" % (m.group(1), i))
+                i += 1
+        self.files = FileSource(paths)
+        self.starts, pos = [], 0
+        for i, p in enumerate(paths):
+            self.starts.append(pos)
+            size = (self.files.starts[i + 1] if i + 1 < len(paths) else self.files.size) \
+                - self.files.starts[i]
+            pos += size - PI_VOLUME_HEADER
+        self.size = pos
+
+    def pread(self, n, offset):
+        parts = []
+        i = bisect.bisect_right(self.starts, offset) - 1
+        while n > 0 and i < len(self.starts):
+            end = self.starts[i + 1] if i + 1 < len(self.starts) else self.size
+            take = min(n, end - offset)
+            if take <= 0:
+                break
+            parts.append(self.files.pread(take, self.files.starts[i] + PI_VOLUME_HEADER +
+                                          offset - self.starts[i]))
+            n -= take
+            offset += take
+            i += 1
+        return b"".join(parts)
+
+    def close(self):
+        self.files.close()
+
+
+def open_partition(path, index_bits=DEFAULT_INDEX_BITS, verify_reads=False, quiet=False):
+    """(image, virtual partition, closer) for mounting an uncompressed image."""
+    image = open_image(path)
+    comp = image.container.get("compression")
+    if path == "-":
+        raise VimageError("mount needs an image file, not stdin")
+    if comp or (isinstance(image, PartimageImage) and image.image_compression):
+        image.stream.close()
+        raise VimageError("%s is %s-compressed; mounting compressed images in place is not "
+                          "supported yet: extract it first (vimage.py extract IMAGE FILE)"
+                          % (path, comp or image.image_compression))
+    if isinstance(image, PartimageImage):
+        reader = VolumeSetReader(path)
+        part = BlockPartition(image, reader.pread, index_bits, verify_reads)
+        return image, part, lambda: (reader.close(), image.stream.close())
+    files = FileSource(split_pieces(path))
+    if isinstance(image, NtfscloneImage):
+        if verify_reads:
+            raise VimageError("--verify-reads: ntfsclone images have no checksums")
+        part = NtfsPartition(image, files.pread, quiet)
+    elif isinstance(image, PartcloneImage):
+        part = BlockPartition(image, files.pread, index_bits, verify_reads)
+    else:
+        if verify_reads:
+            raise VimageError("--verify-reads: raw images have no checksums")
+        part = RawPartition(image, files.pread)
+    return image, part, lambda: (files.close(), image.stream.close())
+
+
+# ===========================================================================
+# FUSE: one read-only file, the partition
+# ===========================================================================
+
+# file system magic -> name; checked in order on the virtual partition's first bytes
+FS_MAGICS = [
+    (3, b"NTFS    ", "ntfs"),
+    (3, b"EXFAT   ", "exfat"),
+    (0, b"XFSB", "xfs"),
+    (0x10040, b"_BHRfS_M", "btrfs"),
+    (1080, b"\x53\xef", "ext"),
+    (1024, b"\x10\x20\xf5\xf2", "f2fs"),
+    (1024, b"H+", "hfsplus"),
+    (1024, b"HX", "hfsplus"),
+    (32768, b"JFS1", "jfs"),
+    (65588, b"ReIsEr", "reiserfs"),
+    (82, b"FAT32   ", "vfat"),
+    (54, b"FAT16   ", "vfat"),
+    (54, b"FAT12   ", "vfat"),
+]
+
+# file system -> (fsck in no-change mode, mount options that never write)
+FS_COMMANDS = {
+    "ext2": ("e2fsck -fn %s", "-t ext2 -o loop,ro"),
+    "ext3": ("e2fsck -fn %s", "-t ext3 -o loop,ro,noload"),
+    "ext4": ("e2fsck -fn %s", "-t ext4 -o loop,ro,noload"),
+    "xfs": ("xfs_repair -n -f %s", "-t xfs -o loop,ro,norecovery"),
+    "btrfs": ("btrfs check --readonly %s", "-t btrfs -o loop,ro,nologreplay"),
+    "ntfs": ("ntfsfix -n %s", "-t ntfs3 -o loop,ro"),
+    "vfat": ("fsck.vfat -n %s", "-t vfat -o loop,ro"),
+    "exfat": ("fsck.exfat -n %s", "-t exfat -o loop,ro"),
+    "hfsplus": ("fsck.hfsplus -n %s", "-t hfsplus -o loop,ro"),
+    "f2fs": ("fsck.f2fs --dry-run %s", "-t f2fs -o loop,ro,norecovery"),
+    "jfs": ("jfs_fsck -n %s", "-t jfs -o loop,ro"),
+    "reiserfs": ("reiserfsck --check %s", "-t reiserfs -o loop,ro,nolog"),
+}
+
+
+def detect_filesystem(part):
+    """The file system inside a virtual partition, from its superblock magic."""
+    head = part.read(0, 65536 + 4096)
+    for offset, magic, name in FS_MAGICS:
+        if head[offset:offset + len(magic)] == magic:
+            if name == "ext":
+                compat, incompat = struct.unpack_from("<II", head, 1024 + 92)
+                if incompat & 0x2C0 or incompat & ~0x1E:        # extents, 64bit, flex_bg, ...
+                    return "ext4"
+                return "ext3" if compat & 0x4 else "ext2"
+            return name
+    return None
+
+
+def virtual_name(path):
+    """The virtual file's name: the image's name without split/compression suffixes."""
+    name = os.path.basename(path)
+    name = _SPLIT_RE.sub(r"\1", name)
+    name = re.sub(r"\.(\d{3})$", "", name)
+    name = re.sub(r"\.(gz|gzip|bz2|bzip2|xz|lzma|lz|lzip|zst|zstd|lz4|lzo)$", "", name)
+    return name or "partition.img"
+
+
+def load_fuse():
+    """The fusepy module (libfuse2), else mfusepy (libfuse3)."""
+    errors = []
+    for module in ("fuse", "mfusepy"):
+        try:
+            import importlib
+            mod = importlib.import_module(module)
+            if hasattr(mod, "FUSE") and hasattr(mod, "Operations"):
+                return mod
+        except (ImportError, OSError, EnvironmentError) as e:
+            errors.append("%s: %s" % (module, e))
+    raise MissingDependency("mount needs fusepy with libfuse2 (pip install fusepy; apt install "
+                            "libfuse2) or mfusepy with libfuse3 (pip install mfusepy)")
+
+
+def make_operations(fuse, part, name, image_path, files_mount=None):
+    """The fusepy Operations class serving `name` as the read-only partition."""
+    st = os.stat(image_path)
+    now = st.st_mtime
+    uid, gid = os.getuid(), os.getgid()
+
+    class PartitionFS(fuse.Operations):
+        use_ns = True
+
+        def __init__(self):
+            self.ready = None        # called once the kernel has the mount
+
+        def init(self, path):
+            if self.ready:
+                self.ready()
+
+        def destroy(self, path):
+            if files_mount and os.path.ismount(files_mount):
+                subprocess_quiet(["umount", "-l", files_mount])
+
+        def getattr(self, path, fh=None):
+            t = int(now * 1e9)
+            if path == "/":
+                return {"st_mode": stat.S_IFDIR | 0o555, "st_nlink": 2, "st_uid": uid,
+                        "st_gid": gid, "st_size": 0, "st_atime": t, "st_mtime": t, "st_ctime": t}
+            if path == "/" + name:
+                return {"st_mode": stat.S_IFREG | 0o444, "st_nlink": 1, "st_uid": uid,
+                        "st_gid": gid, "st_size": part.size, "st_blocks": 0,
+                        "st_atime": t, "st_mtime": t, "st_ctime": t}
+            raise fuse.FuseOSError(errno.ENOENT)
+
+        def readdir(self, path, fh):
+            if path != "/":
+                raise fuse.FuseOSError(errno.ENOTDIR)
+            return [".", "..", name]
+
+        def open(self, path, flags):
+            if path != "/" + name:
+                raise fuse.FuseOSError(errno.ENOENT)
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+                raise fuse.FuseOSError(errno.EROFS)
+            return 0
+
+        def read(self, path, size, offset, fh):
+            try:
+                return part.read(offset, size)
+            except OSError as e:
+                log_error("read of %d bytes at %d failed: %s" % (size, offset, e.strerror or e))
+                raise fuse.FuseOSError(errno.EIO)
+            except VimageError as e:
+                log_error("read of %d bytes at %d failed: %s" % (size, offset, e))
+                raise fuse.FuseOSError(errno.EIO)
+
+        def statfs(self, path):
+            return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": -(-part.size // 4096),
+                    "f_bfree": 0, "f_bavail": 0, "f_files": 2, "f_ffree": 0, "f_namemax": 255}
+
+        def access(self, path, amode):
+            if amode & os.W_OK:
+                raise fuse.FuseOSError(errno.EROFS)
+            return 0
+
+        def _refuse(self, *args, **kwargs):
+            raise fuse.FuseOSError(errno.EROFS)
+
+        write = create = truncate = unlink = mkdir = rmdir = rename = _refuse
+        chmod = chown = symlink = link = utimens = mknod = setxattr = removexattr = _refuse
+
+    return PartitionFS()
+
+
+def log_error(text):
+    """Errors of a running mount: stderr in the foreground, syslog otherwise."""
+    try:
+        sys.stderr.write("%s: %s\n" % (PROG, text))
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        import syslog
+        syslog.syslog(syslog.LOG_ERR, "%s: %s" % (PROG, text))
+    except (ImportError, OSError):
+        pass
+
+
+def subprocess_quiet(cmd):
+    import subprocess
+    try:
+        return subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE).returncode
+    except OSError:
+        return 127
+
+
+def mounts_at(path):
+    """Mount entries (fstype, source) stacked at path, bottom first."""
+    path = os.path.realpath(path)
+    found = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                target = fields[4].replace("\\040", " ")
+                if target == path:
+                    found.append((fields[sep + 1], fields[sep + 2]))
+    except OSError:
+        pass
+    return found
+
+
+RUN_DIR = "/run/vimage"
+
+# ===========================================================================
 # Outputs of a scan: nothing (verify), a file, a block device, a stream
 # ===========================================================================
 
@@ -2161,6 +2734,7 @@ class StreamSink:
     """stdout or a pipe: written in order, zeros for unused blocks."""
 
     wants_data = True
+    sequential = True
 
     def __init__(self, fd, size):
         self.fd, self.size, self.pos = fd, size, 0
@@ -2200,9 +2774,7 @@ def say(args, text):
 
 def describe(image):
     """One line: what this image is."""
-    parts = ["%s image" % image.format]
-    if image.filesystem:
-        parts.append("of %s" % image.filesystem)
+    parts = ["%s image" % image.format + (" of %s" % image.filesystem if image.filesystem else "")]
     parts.append("partition %s" % (human(image.size) if image.size is not None else "size unknown"))
     if image.used_blocks is not None:
         parts.append("%d of %d blocks of %d bytes used" % (image.used_blocks, image.total_blocks,
@@ -2358,6 +2930,248 @@ def cmd_extract(args):
                 pass
 
 
+def _fuse_unmount(path):
+    """Unmount a FUSE mount point: fusermount when not root, umount when root."""
+    if os.geteuid() != 0:
+        for tool in ("fusermount", "fusermount3"):
+            if subprocess_quiet([tool, "-u", path]) == 0:
+                return True
+        return False
+    return subprocess_quiet(["umount", path]) == 0
+
+
+def _files_mount(fstype, virtual, mountpoint):
+    """Loop-mount the file system of the virtual partition, read-only, never writing."""
+    if fstype not in FS_COMMANDS:
+        raise VimageError("cannot tell which file system the partition holds; mount %s yourself"
+                          % virtual)
+    opts = FS_COMMANDS[fstype][1].split()
+    attempts = [["mount"] + opts + [virtual, mountpoint]]
+    # where the kernel lacks the driver, a FUSE driver of the same file system
+    fallback = {"ntfs": ["ntfs-3g", "-o", "ro"], "vfat": ["fusefat", "-o", "ro"],
+                "exfat": ["mount.exfat-fuse", "-o", "ro"]}.get(fstype)
+    if fallback:
+        attempts.append(fallback + [virtual, mountpoint])
+    if fstype == "ext2":
+        attempts.append(["mount", "-t", "ext4", "-o", "loop,ro,noload", virtual, mountpoint])
+    import subprocess
+    err = ""
+    for cmd in attempts:
+        try:
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE)
+        except OSError as e:
+            err = str(e)
+            continue
+        if proc.returncode == 0:
+            return " ".join(cmd)
+        lines = [l.strip() for l in proc.stderr.decode(errors="replace").splitlines() if l.strip()]
+        err = "; ".join(lines[:2]) or "%s exited with %d" % (cmd[0], proc.returncode)
+    raise VimageError("mounting the %s file system failed: %s" % (fstype, err))
+
+
+def mount_summary(args, image, part, name, path, fstype, took, files_cmd):
+    lines = ["%s: %s" % (args.image, describe(image)),
+             "virtual partition: %s (%d bytes%s)" % (path, part.size,
+                                                    ", %s" % fstype if fstype else "")]
+    if took >= 0.05:
+        lines.append("index built in %.1f s" % took)
+    if files_cmd:
+        lines.append("files: %s (mounted with: %s)" % (args.mountpoint, files_cmd))
+    elif fstype in FS_COMMANDS:
+        fsck, opts = FS_COMMANDS[fstype]
+        lines.append("check it:  " + fsck % path)
+        lines.append("mount it:  mount %s %s /mnt/somewhere" % (opts, path))
+    lines.append("unmount:   python3 %s umount %s" % (sys.argv[0] if sys.argv[0].endswith(".py")
+                                                       else "vimage.py", args.mountpoint))
+    return "\n".join(lines)
+
+
+def cmd_mount(args):
+    fuse = load_fuse()
+    mp = os.path.abspath(args.mountpoint)
+    if not os.path.isdir(mp):
+        raise VimageError("mount point %s does not exist or is not a directory" % mp)
+    try:
+        if os.listdir(mp):
+            raise VimageError("mount point %s is not empty" % mp)
+    except PermissionError:
+        raise VimageError("mount point %s cannot be read" % mp)
+    if args.files and os.geteuid() != 0:
+        raise VimageError("--files loop-mounts the file system and needs root")
+    start = time.monotonic()
+    image, part, close = open_partition(args.image, args.index_size, args.verify_reads, args.quiet)
+    took = time.monotonic() - start
+    name = virtual_name(args.image)
+    fstype = detect_filesystem(part)
+    fuse_dir = mp
+    if args.files:
+        os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
+        import tempfile
+        fuse_dir = tempfile.mkdtemp(prefix="mnt-", dir=RUN_DIR)
+    virtual = os.path.join(fuse_dir, name)
+    ops = make_operations(fuse, part, name, args.image, mp if args.files else None)
+    options = dict(foreground=True, ro=True, fsname="vimage", subtype="vimage",
+                   nothreads=False, default_permissions=True, debug=args.debug)
+    if os.geteuid() == 0:
+        options["allow_other"] = True
+    foreground = args.foreground or args.debug
+    status_r, status_w = os.pipe()
+
+    def finish_mount():
+        """Once FUSE answers: the optional file system layer, state, summary."""
+        files_cmd = None
+        if args.files:
+            try:
+                files_cmd = _files_mount(fstype, virtual, mp)
+            except VimageError:
+                _fuse_unmount(fuse_dir)
+                raise
+            with open(os.path.join(RUN_DIR, os.path.basename(fuse_dir) + ".json"), "w") as f:
+                json.dump({"mountpoint": mp, "fuse": fuse_dir, "pid": os.getpid()
+                           if foreground else child}, f)
+        print(mount_summary(args, image, part, name, virtual, fstype, took, files_cmd), flush=True)
+
+    if foreground:
+        os.close(status_r)
+        os.close(status_w)
+
+        def ready():
+            def later():
+                try:
+                    finish_mount()
+                except VimageError as e:
+                    log_error(str(e))
+            threading.Thread(target=later, daemon=True).start()
+        ops.ready = ready
+        try:
+            fuse.FUSE(ops, fuse_dir, **options)
+        except RuntimeError as e:
+            raise VimageError("mounting failed: %s" % e)
+        finally:
+            close()
+            if args.files:
+                _cleanup_files_state(fuse_dir)
+        return 0
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child == 0:                                    # the process that serves the mount
+        try:
+            os.close(status_r)
+            os.setsid()
+            os.chdir("/")
+            devnull = os.open(os.devnull, os.O_RDWR)
+            os.dup2(devnull, 0)
+            os.dup2(devnull, 1)
+            os.dup2(status_w, 2)                      # libfuse's own errors reach the parent
+
+            def ready():
+                os.write(status_w, b"\0ready\n")
+                os.dup2(devnull, 2)
+                os.close(status_w)
+            ops.ready = ready
+            try:
+                fuse.FUSE(ops, fuse_dir, **options)
+            except BaseException as e:
+                os.write(2, ("%s\n" % e).encode())
+        finally:
+            if args.files:
+                _cleanup_files_state(fuse_dir)
+            os._exit(0)
+    os.close(status_w)
+    got = b""
+    while True:
+        chunk = os.read(status_r, 4096)
+        if not chunk:
+            break
+        got += chunk
+    os.close(status_r)
+    if b"\0ready\n" not in got:
+        os.waitpid(child, 0)
+        text = got.decode(errors="replace").strip().splitlines()
+        raise VimageError("mounting at %s failed: %s" % (fuse_dir, text[-1] if text else
+                                                         "the mount process ended"))
+    for _ in range(100):                              # the kernel answers; make sure
+        try:
+            if os.stat(virtual).st_size == part.size:
+                break
+        except OSError:
+            pass
+        time.sleep(0.05)
+    else:
+        _fuse_unmount(fuse_dir)
+        raise VimageError("the mount at %s did not become usable" % fuse_dir)
+    finish_mount()
+    close()
+    return 0
+
+
+def _cleanup_files_state(fuse_dir):
+    for path in (os.path.join(RUN_DIR, os.path.basename(fuse_dir) + ".json"),):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    try:
+        os.rmdir(fuse_dir)
+    except OSError:
+        pass
+
+
+def cmd_umount(args):
+    mp = os.path.realpath(args.mountpoint)
+    state = None
+    try:
+        for entry in os.listdir(RUN_DIR):
+            if entry.endswith(".json"):
+                try:
+                    with open(os.path.join(RUN_DIR, entry)) as f:
+                        d = json.load(f)
+                except (OSError, ValueError):
+                    continue
+                if d.get("mountpoint") == mp:
+                    state = d
+    except OSError:
+        pass
+    stack = mounts_at(mp)
+    if state:
+        if stack and subprocess_quiet(["umount", mp]) != 0:
+            raise VimageError("cannot unmount the file system at %s (busy?)" % mp)
+        fuse_dir = state["fuse"]
+        for _ in range(100):                          # the loop device lets go of the file
+            if _fuse_unmount(fuse_dir):
+                break
+            time.sleep(0.1)
+        else:
+            raise VimageError("cannot unmount the virtual partition at %s" % fuse_dir)
+        _wait_gone(state.get("pid"))
+        _cleanup_files_state(fuse_dir)
+        say(args, "unmounted %s" % mp)
+        return 0
+    if not stack:
+        raise VimageError("%s is not mounted" % mp)
+    fstype, source = stack[-1]
+    if not (fstype.startswith("fuse") and source == "vimage"):
+        raise VimageError("%s is not a vimage mount (%s from %s)" % (mp, fstype, source))
+    if not _fuse_unmount(mp):
+        raise VimageError("cannot unmount %s (busy?)" % mp)
+    say(args, "unmounted %s" % mp)
+    return 0
+
+
+def _wait_gone(pid, timeout=5.0):
+    if not pid:
+        return
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return
+        time.sleep(0.05)
+
 # ===========================================================================
 # Command line
 # ===========================================================================
@@ -2403,10 +3217,27 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--ignore-checksums", action="store_true",
                    help="write the data even where checksums do not match (listed as warnings)")
+    p = add("mount", "show the partition as a read-only file through FUSE (no disk space used)",
+            "%s mount sda1.ext4-ptcl-img.aa /mnt/img\n  %s mount --files sda1.ext4-ptcl-img.aa "
+            "/mnt/files   (root: the files themselves)" % (PROG, PROG))
+    p.add_argument("image", help="image file or first piece of a split set")
+    p.add_argument("mountpoint", help="an empty directory")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("-d", "--debug", action="store_true", help="FUSE debug output (implies -f)")
+    p.add_argument("--index-size", type=int, default=DEFAULT_INDEX_BITS, metavar="N",
+                   help="bits of bitmap per index entry (default %d)" % DEFAULT_INDEX_BITS)
+    p.add_argument("--files", action="store_true",
+                   help="also loop-mount the file system read-only at MOUNTPOINT (root)")
+    p.add_argument("--verify-reads", action="store_true",
+                   help="check the checksum group of every block served; EIO on a mismatch")
+    p = add("umount", "unmount what `mount` mounted (both layers with --files)",
+            "%s umount /mnt/img" % PROG)
+    p.add_argument("mountpoint")
     return parser
 
 
-COMMANDS = {"info": cmd_info, "verify": cmd_verify, "extract": cmd_extract}
+COMMANDS = {"info": cmd_info, "verify": cmd_verify, "extract": cmd_extract,
+            "mount": cmd_mount, "umount": cmd_umount}
 
 
 def main(argv=None):
@@ -2435,6 +3266,12 @@ def main(argv=None):
         return 1
     except OSError as e:
         sys.stderr.write("%s: error: %s\n" % (PROG, e))
+        return 1
+    except Exception as e:     # a bug: still one line, unless debugging
+        if os.environ.get("VIMAGE_DEBUG"):
+            raise
+        sys.stderr.write("%s: error: internal error (%s: %s); set VIMAGE_DEBUG=1 for details\n"
+                         % (PROG, type(e).__name__, e))
         return 1
 
 

@@ -1,0 +1,55 @@
+# vimage: make demo (set up and run a real job on bundled data), make test, make bench.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP_PACKAGES := pytest hypothesis vermin xxhash zstandard lz4 fusepy tqdm
+DEB_PACKAGES := partclone partimage ntfs-3g libfuse2 fuse3 dosfstools mtools e2fsprogs \
+                pigz lbzip2 lzip lzop zstd lz4 xz-utils bzip2 liblzo2-dev util-linux
+DEMO   := build/demo
+
+.PHONY: all setup debs demo test bench testdata clean
+
+all: test
+
+# Debian packages: installed when we are root and some are missing; otherwise
+# the tests that need a missing tool are skipped.
+debs:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages:" $$missing; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "note: missing Debian packages (tests needing them are skipped):" $$missing; fi; \
+	fi
+
+$(VENV)/.ready:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q $(PIP_PACKAGES)
+	-$(VENV)/bin/pip install -q python-lzo || echo "note: python-lzo did not build; lzop tests are skipped"
+	touch $@
+
+setup: debs $(VENV)/.ready
+
+demo: setup
+	@rm -rf $(DEMO) && mkdir -p $(DEMO)
+	$(PY) vimage.py info testdata/sda1.ext4-ptcl-img.gz.aa
+	$(PY) vimage.py verify testdata/sda1.ext4-ptcl-img.gz.aa
+	$(PY) vimage.py extract testdata/sda1.ext4-ptcl-img.gz.aa $(DEMO)/sda1.raw
+	@echo "sha256 of the restored partition:"; sha256sum $(DEMO)/sda1.raw
+	@echo "expected (partclone.restore):     " $$($(PY) -c "import json;print(json.load(open('testdata/expected.json'))['sda1.ext4-ptcl-img.gz.aa']['sha256'])")
+	@if [ "$$(id -u)" = 0 ]; then mkdir -p $(DEMO)/mnt && mount -o loop,ro,noload $(DEMO)/sda1.raw $(DEMO)/mnt && \
+	  echo "files in the restored partition:" && ls -la $(DEMO)/mnt && umount $(DEMO)/mnt; fi
+
+test: setup
+	$(VENV)/bin/vermin -t=3.8- --violations --no-tips vimage.py
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) tests/bench.py
+
+# Rebuild testdata/ with the real tools (root; writes testdata/expected.json).
+testdata: debs
+	bash testdata/make-testdata.sh
+
+clean:
+	rm -rf $(VENV) build .pytest_cache tests/__pycache__ __pycache__

@@ -1,0 +1,55 @@
+"""Shared fixtures: the bundled images, their expected restores, and helpers."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTDATA = os.path.join(ROOT, "testdata")
+VIMAGE = os.path.join(ROOT, "vimage.py")
+sys.path.insert(0, ROOT)
+
+with open(os.path.join(TESTDATA, "expected.json")) as f:
+    EXPECTED = json.load(f)
+
+
+def image_path(name):
+    return os.path.join(TESTDATA, name)
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run(*args, stdin=None, python=None, env=None, timeout=600):
+    """Run vimage.py as a user would; returns CompletedProcess (bytes)."""
+    cmd = [python or sys.executable, VIMAGE] + [str(a) for a in args]
+    return subprocess.run(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=env, timeout=timeout)
+
+
+def have(tool):
+    return shutil.which(tool) is not None
+
+
+def assert_clean_error(proc, code=1):
+    """Exit status `code` and one line on stderr, never a traceback."""
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == code, (proc.returncode, err)
+    assert "Traceback" not in err
+    assert "internal error" not in err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("vimage: error: "), err
+
+
+@pytest.fixture
+def tmp(tmp_path):
+    return tmp_path
