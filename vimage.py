@@ -1471,6 +1471,7 @@ class Image:
         self.used_blocks = None
         self.checksum = "none"
         self.header_problems = []     # found while opening; reported by scan()
+        self.notes = []               # oddities the real tools accept too; shown by info
         self.extra = {}
 
     def info(self):
@@ -1587,9 +1588,9 @@ class PartcloneImage(Image):
         if tail:
             used += bin(self.bitmap[-1] & ((1 << tail) - 1)).count("1")
         if used != self.header_used:
-            self.header_problems.append(Problem(
-                "structure", "bitmap marks %d blocks used but the header says %d"
-                % (used, self.header_used), image_offset=self.V2_HEADER))
+            # partclone itself goes by the bitmap (partclone.btrfs writes such images)
+            self.notes.append("the bitmap marks %d blocks used, the header says %d"
+                              % (used, self.header_used))
         return used
 
     def _open_v1(self, h):
@@ -1611,9 +1612,8 @@ class PartcloneImage(Image):
             raise FormatError("partclone 0001 bitmap holds %d bytes that are neither 0 nor 1" % stray)
         self.used_blocks = self.bitmap.count(1)
         if self.used_blocks != used:
-            self.header_problems.append(Problem(
-                "structure", "bitmap marks %d blocks used but the header says %d"
-                % (self.used_blocks, used), image_offset=self.V1_HEADER))
+            self.notes.append("the bitmap marks %d blocks used, the header says %d"
+                              % (self.used_blocks, used))
         self.runs = lambda: byte_runs(self.bitmap)
         self.csum_size = self._v1_field_size()
         self.checksum, self.bpc, self.reseed = "crc32", 1, False
@@ -2050,9 +2050,8 @@ class PartimageImage(Image):
         self.used_blocks = popcount(self.bitmap[:total // 8]) + \
             (bin(self.bitmap[total // 8] & ((1 << (total % 8)) - 1)).count("1") if total % 8 else 0)
         if self.used_blocks != used:
-            self.header_problems.append(Problem(
-                "structure", "bitmap marks %d blocks used but the header says %d"
-                % (self.used_blocks, used), image_offset=self.bitmap_offset))
+            self.notes.append("the bitmap marks %d blocks used, the header says %d"
+                              % (self.used_blocks, used))
         self.checksum = "crc32"
         self.image_compression = PI_COMPRESSION.get(compression, compression)
         self.extra = {"image_version": vols.version, "tool_version": cstr(main[9728:9792]),
@@ -2604,7 +2603,10 @@ FS_COMMANDS = {
 
 def detect_filesystem(part):
     """The file system inside a virtual partition, from its superblock magic."""
-    head = part.read(0, 65536 + 4096)
+    try:
+        head = part.read(0, 65536 + 4096)
+    except OSError:                 # --verify-reads found a bad group there
+        return None
     for offset, magic, name in FS_MAGICS:
         if head[offset:offset + len(magic)] == magic:
             if name == "ext":
@@ -2888,6 +2890,8 @@ def cmd_info(args):
             elif isinstance(value, bool):
                 value = "yes" if value else "no"
             print("%-*s  %s" % (width, key, value))
+        for note in image.notes:
+            print("note: %s" % note)
         for p in image.header_problems:
             print("warning: %s" % p)
         return 0

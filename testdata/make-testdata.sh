@@ -145,7 +145,11 @@ def partclone_header(path):
         h = f.read(110)
     if h[30:34] != b"0002":
         return {}
-    return {"device_size": struct.unpack_from("<Q", h, 0x36)[0]}
+    dev, total, used, used_bm, bs, feat, iver, bits, ckm, cks, bpc, reseed, bmm, crc = \
+        struct.unpack_from("<QQQQIIHHHHIBBI", h, 52)
+    return {"device_size": dev,
+            "header": {"checksum_mode": ckm, "checksum_size": cks, "blocks_per_checksum": bpc,
+                       "reseed": reseed, "bitmap_mode": bmm, "cpu_bits": bits}}
 
 def ntfsclone_header(path):
     with open(path, "rb") as f:
@@ -195,10 +199,14 @@ rec() { python3 "$WORK/tdlib.py" rec "$RECORDS" "$@"; }
 jstr() { python3 -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$1"; }
 
 # ---- tool versions -----------------------------------------------------------
-PC_VER=$(partclone.ext4 -v 2>&1 | grep -m1 'Partclone :' | sed 's/[[:space:]]*$//')
-NC_VER=$(ntfsclone --version 2>&1 | grep -m1 '^ntfsclone' | sed 's/[[:space:]]*$//')
-PI_VER=$(partimage -v 2>&1 | grep -m1 'Partition Image version' | sed 's/[[:space:]]*$//')
-GZ_VER=$(gzip --version | head -1)
+# (outputs are captured completely first: "tool | grep -m1" can die of SIGPIPE under pipefail)
+first_line() {  # first_line REGEX TEXT
+    printf '%s\n' "$2" | grep -a -E "$1" | sed -n '1{s/[[:space:]]*$//;p}'
+}
+PC_VER=$(first_line 'Partclone :' "$(partclone.ext4 -v 2>&1 || true)")
+NC_VER=$(first_line '^ntfsclone' "$(ntfsclone --version 2>&1 || true)")
+PI_VER=$(first_line 'Partition Image version' "$(partimage -v 2>&1 || true)")
+GZ_VER=$(first_line '^gzip' "$(gzip --version 2>&1 || true)")
 say "partclone: $PC_VER / ntfsclone: $NC_VER / partimage: $PI_VER"
 
 # ---- optional clock shim (reproducible ntfs-3g timestamps) ------------------
@@ -427,9 +435,9 @@ finish_restore() {
 say "partclone images"
 NOTE=
 pc_image ext4-1k.ptcl-img     ext4-1k partclone.ext4
-pc_image ext4-1k-k7.ptcl-img  ext4-1k partclone.ext4 -a1 -k 7
 pc_image ext4-4k.ptcl-img     ext4-4k partclone.ext4
 pc_image ext4-4k-a0.ptcl-img  ext4-4k partclone.ext4 -a0
+pc_image ext4-4k-k7.ptcl-img  ext4-4k partclone.ext4 -a1 -k 7
 pc_image fat16.ptcl-img       fat16   partclone.vfat
 NOTE="partclone 0.3.23 only saves whole clusters: the backup boot sector in the partial last cluster (last 512 bytes of the 4099-sector device) is not in the image, so the restored partition differs from the source there (it stays zero)"
 pc_image ntfs.ptcl-img        ntfs    partclone.ntfs
@@ -458,16 +466,18 @@ pi_info() {
     attach "$FS/$fs.raw"
     partimage -B x=y -g3 -d -z0 -o save "$DEV" "$WORK/pi-info-$fs" </dev/null >"$LOG/pi-info.out" 2>&1
     detach "$DEV"
-    # (partimage 0.6.9 "imginfo" hangs forever on -z2/bzip2 images, so the
-    # file system name is read from this uncompressed one)
-    PI_FSNAME=$(timeout 60 partimage -B x=y imginfo "$WORK/pi-info-$fs.000" </dev/null 2>&1 |
-        grep -a -m1 '^Filesystem:' | sed 's/^Filesystem:\.*//; s/[[:space:]]*$//')
-    rm -f "$WORK/pi-info-$fs".*
     PI_TOTAL=$(grep -a -o 'qwBlocksCount = [0-9]*' "$dbg" | tail -1 | awk '{print $3}')
     PI_USED=$(grep -a -o 'qwUsedBlocks = [0-9]*' "$dbg" | tail -1 | awk '{print $3}')
     local usedbytes
     usedbytes=$(grep -a -o 'qwBitmapUsedSize\.*[0-9]*' "$dbg" | tail -1 | sed 's/.*\.//')
     PI_BS=$((usedbytes / PI_USED))
+    # (the debug log is rewritten by every partimage run, so read it first)
+    # (partimage 0.6.9 "imginfo" hangs forever on -z2/bzip2 images, so the
+    # file system name is read from this uncompressed one)
+    timeout 60 partimage -B x=y imginfo "$WORK/pi-info-$fs.000" </dev/null >"$LOG/imginfo.out" 2>&1 || true
+    PI_FSNAME=$(first_line '^Filesystem:' "$(cat "$LOG/imginfo.out")" | sed 's/^Filesystem:\.*//')
+    cp "$LOG/imginfo.out" "$LOG/imginfo-$fs.out"
+    rm -f "$WORK/pi-info-$fs".*
 }
 
 # pi_image BASENAME FS [partimage options...]  (the image is BASENAME.000, ...)
@@ -526,7 +536,7 @@ if [ -d "$SHARED" ]; then
     EXT4_SHA=3c8b6ca89d3adc5844393caa3ecd6007330a111568efd54bbb7d0823e52b33bc
     FAT32_SHA=3bdccd7956ccc9541ed3973574eb7cda4d640fe4a26d17ec7011b3f4901b3c01
     V47="Partclone : v0.3.47 (198be48)"
-    shared() {  # shared NAME CMD CHECKSUM CSIZE BPC RESEED [extra]
+    shared_rec() {  # shared_rec NAME CMD CHECKSUM CSIZE BPC RESEED [extra]
         local name=$1 cmd=$2 ck=$3 cs=$4 bpc=$5 reseed=$6; shift 6
         local fsn=EXTFS bs=1024 used=2630 total=16384 size=16777216 sh=$EXT4_SHA
         case $name in fat32*) fsn=FAT32 bs=512 used=2072 total=81920 size=41943040 sh=$FAT32_SHA;; esac
@@ -536,11 +546,22 @@ if [ -d "$SHARED" ]; then
             tool="$V47" command="$cmd" \
             restore="truncate -s $size out.raw && partclone.restore -C -s $name -O out.raw" "$@"
     }
+    # VIMAGE_SHARED=all copies every file; the default leaves out the two
+    # 2.7 MB images that other files already cover: ext4-a0-none (NONE is
+    # also in ext4-4k-a0.ptcl-img) and ext4-a2-xxh64 (== the split .gz.a?
+    # pieces after gunzip).
+    SHARED_SKIP=" ext4-a0-none.ptcl-img ext4-a2-xxh64.ptcl-img "
+    [ "${VIMAGE_SHARED:-}" = all ] && SHARED_SKIP=" "
     for f in "$SHARED"/*; do
-        case $f in *.md) continue;; esac
-        cp -- "$f" "$OUT/"
-        chmod 0644 "$OUT/$(basename "$f")"
+        b=$(basename "$f")
+        case $b in *.md) continue;; esac
+        case $SHARED_SKIP in *" $b "*) continue;; esac
+        install -m 0644 "$f" "$OUT/$b"
     done
+    shared() {
+        case $SHARED_SKIP in *" $1 "*) return 0;; esac
+        shared_rec "$@"
+    }
     P=partclone-0.3.47/partclone
     shared ext4-a0-none.ptcl-img "$P.ext4 -c -a0 -s ext4.raw -O ext4-a0-none.ptcl-img" none null 0 true image_version=0002
     shared ext4-a1-crc32-k7.ptcl-img "$P.ext4 -c -a1 -k 7 -s ext4.raw -O ext4-a1-crc32-k7.ptcl-img" crc32 4 7 true image_version=0002

@@ -84,7 +84,7 @@ def test_virtual_file_equals_real_restore(name, mnt):
 
 @needs_fuse
 def test_split_set_mounts(tmp_path, mnt):
-    name = first_image("partclone")
+    name = first_image("partclone", "EXT")
     whole = tmp_path / "sda1.ext4-ptcl-img"
     shutil.copy(image_path(name), whole)
     subprocess.run(["split", "-a", "2", "-b", "250000", str(whole), str(whole) + "."], check=True)
@@ -96,7 +96,7 @@ def test_split_set_mounts(tmp_path, mnt):
 @needs_fuse
 def test_mount_returns_at_once_and_detaches(mnt):
     """out=$(vimage.py mount ...) must not wait for the daemon."""
-    name = first_image("partclone")
+    name = first_image("partclone", "EXT")
     cmd = "out=$(%s %s mount %s %s); echo \"$out\"" % (sys.executable, os.path.join(ROOT, "vimage.py"),
                                                        image_path(name), mnt)
     t = time.time()
@@ -109,7 +109,7 @@ def test_mount_returns_at_once_and_detaches(mnt):
 
 @needs_fuse
 def test_writes_are_refused(mnt):
-    name = first_image("partclone")
+    name = first_image("partclone", "EXT")
     mount(image_path(name), mnt)
     vfile = mnt / vimage.virtual_name(name)
     for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
@@ -124,7 +124,7 @@ def test_writes_are_refused(mnt):
 @needs_fuse
 @pytest.mark.parametrize("threads", [False, True])
 def test_eight_threads_random_reads(tmp_path, mnt, threads):
-    name = first_image("partclone")
+    name = first_image("partclone", "EXT")
     ref = tmp_path / "ref.raw"
     assert run("extract", "-q", image_path(name), ref).returncode == 0
     want = ref.read_bytes()
@@ -209,7 +209,7 @@ def test_files_shows_the_source_tree(fmt, fs, tmp_path, mnt):
 @needs_fuse
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_killing_the_mount_leaves_no_stale_mount(sig, mnt):
-    name = first_image("partclone")
+    name = first_image("partclone", "EXT")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "vimage.py"), "mount", "-f",
                              image_path(name), str(mnt)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
@@ -229,7 +229,7 @@ def test_killing_the_mount_leaves_no_stale_mount(sig, mnt):
 
 @needs_fuse
 def test_verify_reads_gives_eio_on_bad_data(tmp_path, mnt):
-    name = first_image("partclone")
+    name = first_image("partclone", "EXT")
     img = vimage.open_image(image_path(name))
     if img.checksum == "none" or not img.reseed:
         pytest.skip("needs a reseeded checksum image")
@@ -257,7 +257,7 @@ def test_verify_reads_gives_eio_on_bad_data(tmp_path, mnt):
 def test_mount_point_errors(tmp_path):
     if not can_mount():
         pytest.skip("needs fusepy")
-    name = first_image("partclone")
+    name = first_image("partclone", "EXT")
     assert_clean_error(run("mount", image_path(name), tmp_path / "missing"))
     full = tmp_path / "full"
     full.mkdir()

@@ -16,9 +16,12 @@ import vimage
 
 
 def find_python38():
-    for cand in [shutil.which("python3.8")] + sorted(glob.glob(os.path.expanduser(
-            "~/.pyenv/versions/3.8*/bin/python3.8"))) + sorted(glob.glob("/root/.pyenv/versions/3.8*/bin/python3.8")):
-        if cand and os.path.exists(cand):
+    """A working Python 3.8 (the floor), if this machine has one."""
+    cands = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.8*/bin/python3.8")))
+    cands += [shutil.which("python3.8")]
+    for cand in cands:
+        if cand and subprocess.run([cand, "-c", "import venv"], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL).returncode == 0:
             return cand
     return None
 
