@@ -56,8 +56,7 @@ def mount(image, mp, *opts):
 
 
 def uncompressed_images():
-    return [n for n in sorted(EXPECTED) if not EXPECTED[n].get("compression")
-            and not (EXPECTED[n]["format"] == "partimage" and EXPECTED[n].get("header_compression"))]
+    return [n for n in sorted(EXPECTED) if not EXPECTED[n].get("compression")]
 
 
 def first_image(fmt, fs=None):

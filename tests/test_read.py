@@ -20,10 +20,9 @@ def first_of(fmt, **want):
     """A bundled single-file, uncompressed image of a format."""
     for name in IMAGES:
         e = EXPECTED[name]
-        if e["format"] == fmt and not e.get("compression") and not e.get("pieces_files") \
+        if e["format"] == fmt and not e.get("compression") and len(e.get("files", [1])) == 1 \
                 and all(e.get(k) == v for k, v in want.items()):
-            if fmt != "partimage" or len(e.get("volumes", [name])) == 1:
-                return name
+            return name
     pytest.skip("no bundled %s image" % fmt)
 
 
