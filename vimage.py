@@ -207,6 +207,11 @@ class Source:
     def consumed(self):
         return 0
 
+    def failure(self):
+        """A decoding error that cut the stream short, if any."""
+        inner = getattr(self, "inner", None) or getattr(self, "raw", None)
+        return getattr(self, "failed", None) or (inner.failure() if inner is not None else None)
+
     def close(self):
         pass
 
@@ -443,6 +448,7 @@ class DecompressSource(Source):
         self.outbuf = b""
         self.in_pos = 0         # input offset of inbuf[0], for messages
         self.done = False
+        self.failed = None        # a decoding error, raised once the good data is read
         self.members = 0
         self.out_pos = 0
 
@@ -455,6 +461,14 @@ class DecompressSource(Source):
         """Decompress until at least `want` bytes are buffered or the stream ends."""
         chunks = [self.outbuf]
         have = len(self.outbuf)
+        try:
+            self._produce_into(chunks, have, want)
+        except ContainerError as e:
+            # hand out what decoded well first; the error comes with the next read
+            self.failed, self.done = e, True
+        self.outbuf = b"".join(chunks)
+
+    def _produce_into(self, chunks, have, want):
         while have < want and not self.done:
             if self.dec is None:
                 if not self._next_member():
@@ -488,7 +502,6 @@ class DecompressSource(Source):
                 self._advance(self.codec.finish_member(self.dec, self.inbuf, self))
                 self.dec = None
                 self.members += 1
-        self.outbuf = b"".join(chunks)
 
     def _next_member(self):
         """Position inbuf at the next member; False at the end of the stream."""
@@ -525,6 +538,8 @@ class DecompressSource(Source):
     def read(self, n):
         if len(self.outbuf) < n:
             self._produce(n)
+        if not self.outbuf and self.failed:
+            raise self.failed
         data, self.outbuf = self.outbuf[:n], self.outbuf[n:]
         self.out_pos += len(data)
         return data
@@ -545,14 +560,21 @@ class ReaderSource(Source):
         self.input_size = raw.input_size
         self.description = name
 
+    failed = None
+
     def read(self, n):
+        if self.failed:
+            raise self.failed
         parts, want = [], n
         while want > 0:
             try:
                 data = self.reader.read(min(want, CHUNK))
             except Exception as e:
-                raise ContainerError("%s stream is corrupt near input offset %d: %s"
-                                     % (self.description, self.raw.consumed(), e))
+                self.failed = ContainerError("%s stream is corrupt near input offset %d: %s"
+                                             % (self.description, self.raw.consumed(), e))
+                if parts:                   # the good data first, the error next time
+                    break
+                raise self.failed
             if not data:
                 break
             parts.append(data)
@@ -647,6 +669,13 @@ def _lzma_alone_check(head):
     dict_size = struct.unpack_from("<I", head, 1)[0]
     return head[0] == 0x5D and 4096 <= dict_size <= (1 << 30) and \
         (dict_size & (dict_size - 1) == 0 or dict_size % (1 << 20) == 0)
+
+
+def _zstd_check(head):
+    """A zstd frame, possibly after skippable frames (pzstd starts with one)."""
+    while len(head) >= 8 and 0x184D2A50 <= struct.unpack_from("<I", head)[0] <= 0x184D2A5F:
+        head = head[8 + struct.unpack_from("<I", head, 4)[0]:]
+    return head.startswith(b"\x28\xb5\x2f\xfd")
 
 
 def _lzip_decoder(head):
@@ -860,8 +889,8 @@ CODECS = [
     Codec("lzip", b"LZIP", _lzip_decoder, finish=_lzip_finish),
     Codec("lzma", b"\x5d", lambda h: (lzma.LZMADecompressor(lzma.FORMAT_ALONE), 0),
           check=_lzma_alone_check),
-    Codec("zstd", b"\x28\xb5\x2f\xfd", None),
-    Codec("zstd-pyzstd", b"\x28\xb5\x2f\xfd", lambda h: (_PyzstdDecoder(), 0)),
+    Codec("zstd", b"", None, check=_zstd_check),
+    Codec("zstd-pyzstd", b"", lambda h: (_PyzstdDecoder(), 0), check=_zstd_check),
     Codec("lz4", b"\x04\x22\x4d\x18", _lz4_decoder, module="lz4.frame", pip_name="lz4"),
     Codec("lz4-legacy", Lz4LegacySource.MAGIC, None),
     Codec("lzop", LzopSource.MAGIC, None),
@@ -1994,6 +2023,9 @@ class PartimageVolumes(Source):
     def consumed(self):
         return self.input_done + self.cur.consumed()
 
+    def failure(self):
+        return self.cur.failure()
+
     def close(self):
         self.cur.close()
 
@@ -2200,9 +2232,8 @@ FORMATS = [
 ]
 
 
-def open_image(path):
-    """Open IMAGE and return the reader for its format."""
-    stream, container = open_stream(path)
+def detect_image(stream, container, path):
+    """The reader for the format at the front of a peekable stream."""
     try:
         head = stream.peek(64)
         for magic, reader in FORMATS:
@@ -2215,6 +2246,931 @@ def open_image(path):
         stream.close()
         raise
 
+
+def open_image(path):
+    """Open IMAGE and return the reader for its format."""
+    stream, container = open_stream(path)
+    return detect_image(stream, container, path)
+
+
+# ===========================================================================
+# Random access into compressed images (for mount)
+# ===========================================================================
+#
+# One sequential pass over the compressed file records seek points: places
+# where decoding can start afresh, each with the decompressed offset it
+# yields.  A read then decodes only from the nearest point before it; an LRU
+# keeps the decoded chunks that file systems read again.  Per codec:
+#   gzip   new members; after pigz's sync flushes a raw inflater primed with
+#          the last 32 KiB of output (zdict) - savable; elsewhere an in-memory
+#          copy of the inflater (zlib's decompressobj().copy()) - not savable
+#   bzip2  every block: it starts at a 48-bit magic at any bit offset and is
+#          decoded alone as a one-block stream built around it
+#   xz     every block listed in the stream index, decoded as a one-block stream
+#   zstd   every frame;  lz4  every independent block
+# A stream without restart points (one zstd frame, one xz block, dependent lz4
+# blocks, lzma, lzip, lzop) is decompressed into a cache file instead.
+
+GZIP_SPACING = 4 * MiB           # decompressed bytes between gzip seek points
+ZLIB_POINT_COST = 48 * 1024      # memory of one in-memory inflater copy (window + state)
+LRU_BYTES = 64 * MiB
+
+
+class ChunkLRU:
+    """Decoded chunks by seek point number, least recently used dropped first."""
+
+    def __init__(self, budget):
+        from collections import OrderedDict
+        self.budget, self.used, self.items = budget, 0, OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            value = self.items.get(key)
+            if value is not None:
+                self.items.move_to_end(key)
+            return value
+
+    def put(self, key, value):
+        with self.lock:
+            if key in self.items:
+                return
+            self.items[key] = value
+            self.used += len(value)
+            while self.used > self.budget and len(self.items) > 1:
+                _k, old = self.items.popitem(last=False)
+                self.used -= len(old)
+
+
+class SeekIndex:
+    """Seek points: decompressed offsets (array) and what each needs to decode."""
+
+    def __init__(self):
+        self.offsets = array("Q")
+        self.points = []
+
+    def add(self, out_offset, point):
+        self.offsets.append(out_offset)
+        self.points.append(point)
+
+    def __len__(self):
+        return len(self.points)
+
+
+def _varint(n):
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _read_varint(buf, pos):
+    n = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ContainerError("xz index is corrupt")
+        b = buf[pos]
+        n |= (b & 0x7F) << shift
+        pos += 1
+        shift += 7
+        if not b & 0x80:
+            return n, pos
+
+
+class GzipAccess:
+    """gzip, pigz, multi-member: points at members, sync flushes, and spacing."""
+
+    out_pos = in_pos = 0          # progress of the pass
+    name = "gzip"
+
+    def __init__(self, files, spacing=GZIP_SPACING, budget=256 * MiB):
+        self.files, self.spacing, self.budget = files, spacing, budget
+
+    def plan(self):
+        return "points"
+
+    def run(self, index):
+        """The pass: yields decompressed chunks, adds seek points to index."""
+        files, in_pos, out_pos = self.files, 0, 0
+        SYNC = b"\x00\x00\xff\xff"
+        while True:
+            head = files.pread(64, in_pos)
+            stripped = head.lstrip(b"\0")
+            if not stripped:
+                if not head or not files.pread(1, in_pos + len(head)).strip(b"\0"):
+                    break
+                in_pos += len(head)
+                continue
+            in_pos += len(head) - len(stripped)
+            if not stripped.startswith(b"\x1f\x8b"):
+                raise ContainerError("gzip stream: unexpected data at input offset %d" % in_pos)
+            dec = zlib.decompressobj(31)
+            index.add(out_pos, ("member", in_pos))
+            last_point = out_pos
+            tail = b""                   # last 32 KiB of output, for window points
+            pending = None               # (in, out, window) after a sync marker, to confirm
+            while not dec.eof:
+                data = files.pread(256 * 1024, in_pos)
+                if not data:
+                    raise ContainerError("gzip stream is truncated at input offset %d" % in_pos)
+                # feed up to each sync marker separately, so the state there is known
+                cuts = [m.end() for m in re.finditer(re.escape(SYNC), data)] + [len(data)]
+                start = 0
+                for cut in cuts:
+                    piece = data[start:cut]
+                    start = cut
+                    while piece and not dec.eof:
+                        # stop output where the next in-memory point is due
+                        room = last_point + 2 * self.spacing - out_pos
+                        try:
+                            out = dec.decompress(piece, max(1 << 16, min(CHUNK, room)))
+                        except zlib.error as e:
+                            raise ContainerError("gzip stream is corrupt near input offset %d: %s"
+                                                 % (in_pos, e))
+                        used = len(piece) - len(dec.unconsumed_tail)
+                        in_pos += used
+                        piece = dec.unconsumed_tail
+                        if out:
+                            if pending is not None:
+                                pending = self._confirm(index, pending, out_pos, out)
+                            out_pos += len(out)
+                            tail = (tail + out)[-32768:]
+                            self.out_pos, self.in_pos = out_pos, in_pos
+                            yield out
+                        if dec.eof:
+                            break
+                        # at a sync marker a (savable) window point is better
+                        at_marker = not piece and cut < len(data)
+                        if not at_marker and out_pos - last_point >= 2 * self.spacing:
+                            index.add(out_pos, ("zlib", in_pos, dec.copy()))
+                            last_point = out_pos
+                            self._thin(index)
+                    if dec.eof:
+                        break
+                    if cut < len(data) and pending is None and out_pos - last_point >= self.spacing \
+                            and len(tail) == 32768:
+                        pending = (in_pos, out_pos, tail)
+                        last_point = out_pos
+            in_pos -= len(dec.unused_data)
+        self.size = out_pos
+
+    def _confirm(self, index, pending, out_pos, out):
+        """A sync marker may be chance bytes: keep the point only if a primed raw
+        inflater started there gives the same output as the real one."""
+        p_in, p_out, window = pending
+        if out_pos < p_out:
+            return pending
+        skip = out_pos - p_out          # output already past the point
+        want = out[:4096]
+        try:
+            d = zlib.decompressobj(-15, zdict=window)
+            got = d.decompress(self.files.pread(64 * 1024, p_in), skip + len(want))
+        except zlib.error:
+            return None
+        if got[skip:skip + len(want)] == want and want:
+            index.add(p_out, ("window", p_in, window))
+            self._thin(index)
+        return None
+
+    def _thin(self, index):
+        """Keep in-memory points within budget: drop every other one, double spacing."""
+        cost = sum(ZLIB_POINT_COST if p[0] == "zlib" else 32768 if p[0] == "window" else 64
+                   for p in index.points)
+        if cost <= self.budget:
+            return
+        keep_off, keep = array("Q"), []
+        drop = False
+        for off, p in zip(index.offsets, index.points):
+            if p[0] == "member" or not drop:
+                keep_off.append(off)
+                keep.append(p)
+            if p[0] != "member":
+                drop = not drop
+        index.offsets, index.points = keep_off, keep
+        self.spacing *= 2
+
+    def decode(self, point, length):
+        kind, pos = point[0], point[1]
+        if kind == "member":
+            dec = zlib.decompressobj(31)
+        elif kind == "window":
+            dec = zlib.decompressobj(-15, zdict=point[2])
+        else:
+            dec = point[2].copy()          # its unconsumed_tail is stale: read from pos
+        parts, have, tail = [], 0, b""
+        try:
+            while have < length and not dec.eof:
+                data = tail or self.files.pread(256 * 1024, pos)
+                if not tail:
+                    if not data:
+                        break
+                    pos += len(data)
+                out = dec.decompress(data, length - have)
+                tail = dec.unconsumed_tail
+                parts.append(out)
+                have += len(out)
+        except zlib.error as e:
+            raise ContainerError("gzip data is corrupt near input offset %d: %s" % (pos, e))
+        return b"".join(parts)
+
+    @staticmethod
+    def savable(point):
+        return point[0] != "zlib"
+
+
+class Bzip2Access:
+    """bzip2 (also lbzip2, pbzip2 multi-stream): every block is a seek point."""
+
+    out_pos = in_pos = 0          # progress of the pass
+    name = "bzip2"
+    BLOCK = 0x314159265359
+    END = 0x177245385090
+
+    def __init__(self, files):
+        self.files = files
+        self.patterns = [self._patterns(m) for m in (self.BLOCK, self.END)]
+
+    def plan(self):
+        return "points"
+
+    @staticmethod
+    def _patterns(magic):
+        """For each bit shift, (search key, shift, first byte mask/value, last byte mask/value)."""
+        pats = []
+        for s in range(8):
+            if s == 0:
+                pats.append((magic.to_bytes(6, "big"), 0, 0, 0, 0, 0, 0))
+                continue
+            v = (magic << (8 - s)).to_bytes(7, "big")
+            pats.append((v[1:6], s, 0xFF >> s, v[0], (0xFF << (8 - s)) & 0xFF, v[6], 1))
+        return pats
+
+    def _find(self, buf, start_bit, which):
+        """First bit position >= start_bit where the magic starts, or -1: the
+        bytes fully inside the magic are found in C, the edge bits checked."""
+        best = -1
+        for key, s, m0, v0, m6, v6, lead in self.patterns[which]:
+            i = buf.find(key, max(0, start_bit // 8 - 1) + lead)
+            while i >= 0:
+                j = i - lead                     # the byte where the magic starts
+                b = j * 8 + s
+                ok = j >= 0 and b >= start_bit
+                if ok and lead:
+                    ok = (buf[j] & m0) == v0 and j + 6 < len(buf) and (buf[j + 6] & m6) == v6
+                if ok:
+                    if best < 0 or b < best:
+                        best = b
+                    break
+                i = buf.find(key, i + 1)
+        return best
+
+    @staticmethod
+    def _bits(buf, first, end):
+        """The bits [first, end) of buf as an int."""
+        x = int.from_bytes(buf[first // 8:(end + 7) // 8], "big")
+        x >>= (-end) % 8
+        return x & ((1 << (end - first)) - 1)
+
+    def _one_block_stream(self, level, bits, nbits, crc):
+        """A valid bzip2 stream holding just this block: header, block, end, CRC."""
+        x = (((bits << 48) | self.END) << 32) | crc
+        n = nbits + 80
+        pad = (-n) % 8
+        return b"BZh" + level + (x << pad).to_bytes((n + pad) // 8, "big")
+
+    def _decode_block(self, level, bits, nbits, crc):
+        try:
+            return bz2.BZ2Decompressor().decompress(self._one_block_stream(level, bits, nbits, crc))
+        except (OSError, EOFError, ValueError) as e:
+            raise ContainerError("bzip2 block is corrupt: %s" % e)
+
+    def run(self, index):
+        files, base, out_pos = self.files, 0, 0
+        while True:
+            head = files.pread(4, base)
+            if len(head) < 4 or not head.startswith(b"BZh"):
+                if head.strip(b"\0") and base:
+                    raise ContainerError("bzip2 stream: unexpected data at input offset %d" % base)
+                if not base:
+                    raise ContainerError("bzip2 stream is empty")
+                break
+            level = head[3:4]
+            buf_off = base                  # input byte offset of buf[0]
+            buf = files.pread(2 * MiB, base)
+            pos = 32                        # bit position (relative to buf) of the next magic
+            combined = 0
+            while True:
+                if pos + 48 > len(buf) * 8:
+                    raise ContainerError("bzip2 stream is truncated at input offset %d" % (buf_off + len(buf)))
+                value = self._bits(buf, pos, pos + 48)
+                if value == self.END:
+                    stored = self._bits(buf, pos + 48, pos + 80)
+                    if stored != combined:
+                        raise ContainerError("bzip2 stream CRC mismatch at input offset %d" % (buf_off + pos // 8))
+                    base = buf_off + (pos + 80 + 7) // 8
+                    break
+                if value != self.BLOCK:
+                    raise ContainerError("bzip2 stream is corrupt at input offset %d" % (buf_off + pos // 8))
+                nxt = -1
+                while nxt < 0:
+                    nb = self._find(buf, pos + 48, 0)
+                    ne = self._find(buf, pos + 48, 1)
+                    cands = [c for c in (nb, ne) if c >= 0]
+                    if cands:
+                        nxt = min(cands)
+                        # the END magic needs its CRC in the buffer too
+                        if nxt + 80 <= len(buf) * 8:
+                            break
+                        nxt = -1
+                    more = files.pread(2 * MiB, buf_off + len(buf))
+                    if not more:
+                        raise ContainerError("bzip2 stream is truncated at input offset %d"
+                                             % (buf_off + len(buf)))
+                    buf += more
+                crc = self._bits(buf, pos + 48, pos + 80)
+                out = None
+                for _try in range(4):      # block data may hold the magic by chance
+                    nbits = nxt - pos
+                    try:
+                        out = self._decode_block(level, self._bits(buf, pos, nxt), nbits, crc)
+                        break
+                    except ContainerError:
+                        later = [c for c in (self._find(buf, nxt + 1, 0), self._find(buf, nxt + 1, 1))
+                                 if c >= 0]
+                        if not later:
+                            raise
+                        nxt = min(later)
+                if out is None:
+                    raise ContainerError("bzip2 block at input offset %d is corrupt" % (buf_off + pos // 8))
+                index.add(out_pos, ("bz2", level, buf_off * 8 + pos, nbits, crc))
+                combined = (((combined << 1) | (combined >> 31)) & M32) ^ crc
+                out_pos += len(out)
+                self.out_pos, self.in_pos = out_pos, buf_off + nxt // 8
+                yield out
+                # drop what lies before the next block
+                drop = nxt // 8
+                buf, buf_off, pos = buf[drop:], buf_off + drop, nxt - drop * 8
+        self.size = out_pos
+
+    def decode(self, point, length):
+        _kind, level, first, nbits, crc = point
+        buf = self.files.pread((first % 8 + nbits + 7) // 8, first // 8)
+        return self._decode_block(level, self._bits(buf, first % 8, first % 8 + nbits), nbits, crc)
+
+    @staticmethod
+    def savable(point):
+        return True
+
+
+class XzAccess:
+    """xz with several blocks or streams: the stream indexes list every block."""
+
+    out_pos = in_pos = 0          # progress of the pass
+    name = "xz"
+
+    def __init__(self, files):
+        self.files = files
+        self.blocks = None
+
+    def _parse(self):
+        """[(stream flags, block offset, padded size, unpadded size, decompressed size)]."""
+        files, end, blocks = self.files, self.files.size, []
+        while end > 0:
+            while end >= 4 and files.pread(4, end - 4) == b"\0\0\0\0":
+                end -= 4                                      # stream padding
+            if end < 24:
+                break
+            footer = files.pread(12, end - 12)
+            if footer[10:12] != b"YZ":
+                raise ContainerError("xz stream footer not found")
+            backward, flags = struct.unpack_from("<I2s", footer, 4)
+            isize = (backward + 1) * 4
+            if zlib.crc32(footer[4:10]) != struct.unpack_from("<I", footer, 0)[0] or isize > end:
+                raise ContainerError("xz stream footer is corrupt")
+            idx = files.pread(isize, end - 12 - isize)
+            if idx[0] != 0 or zlib.crc32(idx[:-4]) != struct.unpack_from("<I", idx, isize - 4)[0]:
+                raise ContainerError("xz index is corrupt")
+            count, pos = _read_varint(idx, 1)
+            recs = []
+            for _ in range(count):
+                unpadded, pos = _read_varint(idx, pos)
+                usize, pos = _read_varint(idx, pos)
+                recs.append((unpadded, usize))
+            total = sum((u + 3) & ~3 for u, _ in recs)
+            start = end - 12 - isize - total - 12
+            if start < 0:
+                raise ContainerError("xz index does not fit the file")
+            header = files.pread(12, start)
+            if not header.startswith(b"\xfd7zXZ\x00") or header[6:8] != flags:
+                raise ContainerError("xz stream header not found where the index says")
+            off, stream_blocks = start + 12, []
+            for unpadded, usize in recs:
+                stream_blocks.append((flags, off, (unpadded + 3) & ~3, unpadded, usize))
+                off += (unpadded + 3) & ~3
+            blocks[:0] = stream_blocks
+            end = start
+        self.blocks = blocks
+
+    def plan(self):
+        self._parse()
+        return "points" if len(self.blocks) > 1 else "cache"
+
+    def run(self, index):
+        out_pos = 0
+        for block in self.blocks:
+            out = self.decode(("xz",) + block, block[4])
+            if len(out) != block[4]:
+                raise ContainerError("xz block at input offset %d has the wrong size" % block[1])
+            index.add(out_pos, ("xz",) + block)
+            out_pos += len(out)
+            self.out_pos, self.in_pos = out_pos, block[1] + block[2]
+            yield out
+        self.size = out_pos
+
+    def decode(self, point, length):
+        _kind, flags, offset, padded, unpadded, usize = point
+        head = b"\xfd7zXZ\x00" + flags + struct.pack("<I", zlib.crc32(flags))
+        idx = b"\x00" + _varint(1) + _varint(unpadded) + _varint(usize)
+        idx += b"\0" * ((-len(idx)) % 4)
+        idx += struct.pack("<I", zlib.crc32(idx))
+        tail = struct.pack("<I", len(idx) // 4 - 1) + flags
+        stream = head + self.files.pread(padded, offset) + idx + \
+            struct.pack("<I", zlib.crc32(tail)) + tail + b"YZ"
+        try:
+            return lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(stream)
+        except lzma.LZMAError as e:
+            raise ContainerError("xz block at input offset %d is corrupt: %s" % (offset, e))
+
+    @staticmethod
+    def savable(point):
+        return True
+
+
+def _zstd_decompress(data):
+    zstandard = optional_module("zstandard")
+    try:
+        if zstandard is not None:
+            return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        pyzstd = need_module("pyzstd", "reading zstd-compressed images", "zstandard")
+        return pyzstd.decompress(data)
+    except MissingDependency:
+        raise
+    except Exception as e:
+        raise ContainerError("zstd frame is corrupt: %s" % e)
+
+
+class ZstdAccess:
+    """zstd with several frames: every frame is a seek point."""
+
+    out_pos = in_pos = 0          # progress of the pass
+    name = "zstd"
+
+    def __init__(self, files):
+        self.files = files
+
+    def _frames(self):
+        """[(input offset, length)] of the data frames (skippable ones left out)."""
+        files, pos, frames = self.files, 0, []
+        while pos < files.size:
+            head = files.pread(18, pos)
+            (magic,) = struct.unpack_from("<I", head + b"\0" * 4, 0)
+            if 0x184D2A50 <= magic <= 0x184D2A5F:
+                pos += 8 + struct.unpack_from("<I", head, 4)[0]
+                continue
+            if magic != 0xFD2FB528:
+                if not head.strip(b"\0"):
+                    break
+                raise ContainerError("zstd stream: unexpected data at input offset %d" % pos)
+            fhd = head[4]
+            single, checksum, did, fcs = fhd >> 5 & 1, fhd >> 2 & 1, fhd & 3, fhd >> 6
+            size = 5 + (0 if single else 1) + (0, 1, 2, 4)[did] + \
+                ((1 if single else 0), 2, 4, 8)[fcs]
+            p = pos + size
+            while True:
+                bh = files.pread(3, p)
+                if len(bh) < 3:
+                    raise ContainerError("zstd stream is truncated at input offset %d" % p)
+                v = bh[0] | bh[1] << 8 | bh[2] << 16
+                last, btype, bsize = v & 1, v >> 1 & 3, v >> 3
+                if btype == 3:
+                    raise ContainerError("zstd block at input offset %d is corrupt" % p)
+                p += 3 + (1 if btype == 1 else bsize)
+                if last:
+                    break
+            p += 4 * checksum
+            frames.append((pos, p - pos))
+            pos = p
+        return frames
+
+    def plan(self):
+        self.frames = self._frames()
+        return "points" if len(self.frames) > 1 else "cache"
+
+    def run(self, index):
+        out_pos = 0
+        for offset, length in self.frames:
+            out = _zstd_decompress(self.files.pread(length, offset))
+            index.add(out_pos, ("zstd", offset, length))
+            out_pos += len(out)
+            self.out_pos, self.in_pos = out_pos, offset + length
+            yield out
+        self.size = out_pos
+
+    def decode(self, point, length):
+        return _zstd_decompress(self.files.pread(point[2], point[1]))
+
+    @staticmethod
+    def savable(point):
+        return True
+
+
+class Lz4Access:
+    """lz4 frames with independent blocks (the lz4 command's default)."""
+
+    out_pos = in_pos = 0          # progress of the pass
+    name = "lz4"
+    BLOCK_MAX = {4: 64 << 10, 5: 256 << 10, 6: 1 << 20, 7: 4 << 20}
+
+    def __init__(self, files):
+        self.files = files
+
+    def _blocks(self):
+        files, pos, blocks, independent = self.files, 0, [], True
+        while pos < files.size:
+            head = files.pread(15, pos)
+            (magic,) = struct.unpack_from("<I", head + b"\0" * 4, 0)
+            if 0x184D2A50 <= magic <= 0x184D2A5F:
+                pos += 8 + struct.unpack_from("<I", head, 4)[0]
+                continue
+            if magic != 0x184D2204:
+                if not head.strip(b"\0"):
+                    break
+                raise ContainerError("lz4 stream: unexpected data at input offset %d" % pos)
+            flg, bd = head[4], head[5]
+            independent = independent and bool(flg & 0x20)
+            bmax = self.BLOCK_MAX.get(bd >> 4 & 7)
+            if bmax is None:
+                raise ContainerError("lz4 frame header is corrupt at input offset %d" % pos)
+            p = pos + 7 + (8 if flg & 0x08 else 0) + (4 if flg & 0x01 else 0)
+            while True:
+                word = files.pread(4, p)
+                if len(word) < 4:
+                    raise ContainerError("lz4 stream is truncated at input offset %d" % p)
+                (v,) = struct.unpack("<I", word)
+                p += 4
+                if v == 0:
+                    break
+                size = v & 0x7FFFFFFF
+                blocks.append((p, size, bool(v >> 31), bmax))
+                p += size + (4 if flg & 0x10 else 0)
+            pos = p + (4 if flg & 0x04 else 0)
+        self.blocks = blocks
+        return independent
+
+    def plan(self):
+        return "points" if self._blocks() and len(self.blocks) > 1 else "cache"
+
+    def run(self, index):
+        out_pos = 0
+        for block in self.blocks:
+            out = self.decode(("lz4",) + block, block[3])
+            index.add(out_pos, ("lz4",) + block)
+            out_pos += len(out)
+            self.out_pos, self.in_pos = out_pos, block[0] + block[1]
+            yield out
+        self.size = out_pos
+
+    def decode(self, point, length):
+        _kind, offset, size, stored, bmax = point
+        data = self.files.pread(size, offset)
+        if stored:
+            return data
+        block = need_module("lz4.block", "reading lz4-compressed images", "lz4")
+        try:
+            return block.decompress(data, uncompressed_size=bmax)
+        except Exception as e:
+            raise ContainerError("lz4 block at input offset %d is corrupt: %s" % (offset, e))
+
+    @staticmethod
+    def savable(point):
+        return True
+
+
+RANDOM_ACCESS = {   # codec name -> its seek-point reader; others use the cache file
+    "gzip": GzipAccess,
+    "bzip2": Bzip2Access,
+    "xz": XzAccess,
+    "zstd": ZstdAccess,
+    "lz4": Lz4Access,
+}
+
+
+def cache_dir(path=None):
+    if path:
+        return path
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vimage")
+
+
+def image_identity(files):
+    """What says 'the same image': sizes, mtimes and a hash of sampled ranges."""
+    import hashlib
+    h = hashlib.sha256()
+    stats = []
+    for path in files.paths:
+        st = os.stat(path)
+        stats.append([os.path.basename(path), st.st_size, st.st_mtime_ns])
+    size = files.size
+    for i in range(16):
+        off = (size - 65536) * i // 15 if size > 65536 else 0
+        h.update(files.pread(65536, max(0, off)))
+    return {"pieces": stats, "size": size, "sample_sha256": h.hexdigest()}
+
+
+class CompressedFile:
+    """Random reads of the decompressed bytes of a compressed (split) file."""
+
+    random_access = True
+    INDEX_MAGIC = "vimage-seek-index-1"
+
+    def __init__(self, files, codec, index_memory=256 * MiB, cache=None, keep_cache=False,
+                 index_file=None, quiet=False):
+        self.files, self.codec = files, codec
+        self.quiet = quiet
+        self.index = SeekIndex()
+        self.lru = ChunkLRU(LRU_BYTES)
+        self.cache_fd = self.cache_path = None
+        self.keep_cache = keep_cache
+        self.size = None
+        self.error = None            # why bytes past self.size cannot be read
+        self.identity = image_identity(files)
+        key = "%s-%s" % (re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(files.paths[0]))[:80],
+                         self.identity["sample_sha256"][:16])
+        self.cache_root = cache_dir(cache)
+        self.index_file = index_file or os.path.join(self.cache_root, key + ".index")
+        self.cache_file = os.path.join(self.cache_root, key + ".cache")
+        impl = RANDOM_ACCESS.get(codec.name)
+        self.impl = impl(files) if impl else None
+        if impl is GzipAccess:
+            self.impl.budget = index_memory
+            self.impl.spacing = max(GZIP_SPACING, 1 << 20)
+        try:
+            self.mode = self.impl.plan() if self.impl else "cache"
+        except ContainerError as e:
+            # no usable block list (a truncated xz has no index): decode in order
+            log_error("%s: %s; reading it in order into a cache file" % (files.paths[0], e))
+            self.mode = "cache"
+        self.loaded = self._load()
+
+    # --- the pass ---------------------------------------------------------
+    def pass_chunks(self):
+        """Decompressed chunks, in order, while the index (or cache) is built."""
+        if self.mode == "cache":
+            return self._cache_pass()
+        return self._points_pass()
+
+    def _points_pass(self):
+        try:
+            for chunk in self.impl.run(self.index):
+                yield chunk
+            self.size = self.impl.size
+        except (ContainerError, MissingDependency) as e:
+            if isinstance(e, MissingDependency):
+                raise
+            self.error = str(e)
+            self.size = self.impl.out_pos          # what decoded well before the fault
+            log_error("%s; reads past decompressed offset %d fail with EIO" % (e, self.size))
+        self._save()
+
+    def announce_cache(self, need):
+        os.makedirs(self.cache_root, mode=0o700, exist_ok=True)
+        free = os.statvfs(self.cache_root)
+        free = free.f_bavail * free.f_frsize
+        if not self.quiet:
+            sys.stderr.write("%s: this %s stream has no restart points: decompressing it to the "
+                             "cache file %s (needs up to %s, %s free there; removed at unmount "
+                             "unless --keep-cache)\n" % (PROG, self.codec.name, self.cache_file,
+                                                         human(need) if need else "its full size",
+                                                         human(free)))
+        if need and need > free:
+            raise VimageError("not enough space in %s for the cache file (%s needed, %s free); "
+                              "choose another place with --cache-dir" % (self.cache_root,
+                                                                        human(need), human(free)))
+
+    def _cache_pass(self):
+        os.makedirs(self.cache_root, mode=0o700, exist_ok=True)
+        fd = os.open(self.cache_file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.cache_fd = fd
+        self.files.pos = 0
+        stream = self.codec.open(self.files)
+        pos = 0
+        try:
+            while True:
+                data = stream.read(CHUNK)
+                if not data:
+                    break
+                # all-zero stretches stay holes: the cache costs what is really there
+                mv = memoryview(data)
+                for i in range(0, len(data), MiB):
+                    piece = mv[i:i + MiB]
+                    if piece != _ZEROS_VIEW[:len(piece)]:
+                        os.pwrite(fd, piece, pos + i)
+                pos += len(data)
+                yield data
+        except ContainerError as e:
+            self.error = str(e)
+            log_error("%s; reads past decompressed offset %d fail with EIO" % (e, pos))
+        os.ftruncate(fd, pos)
+        self.size = pos
+        self._save()
+
+    # --- saved index ------------------------------------------------------
+    def _save(self):
+        if self.mode == "points":
+            # in-memory inflater copies cannot be saved; the other points can,
+            # and a read then starts from the saved point before it
+            keep = [(off, p) for off, p in zip(self.index.offsets, self.index.points)
+                    if self.impl.savable(p)]
+            if 2 * len(keep) < len(self.index):
+                return
+            points = [[off] + [self._enc(x) for x in p] for off, p in keep]
+        else:
+            if not self.keep_cache:
+                return
+            points = None
+        doc = {"magic": self.INDEX_MAGIC, "codec": self.codec.name, "identity": self.identity,
+               "size": self.size, "error": self.error, "mode": self.mode, "points": points}
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.index_file)), exist_ok=True)
+            tmp = self.index_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(doc, f)
+            os.replace(tmp, self.index_file)
+        except OSError as e:
+            log_error("cannot save the index to %s: %s" % (self.index_file, e.strerror))
+
+    @staticmethod
+    def _enc(x):
+        if isinstance(x, bytes):
+            import base64
+            return {"z": base64.b64encode(zlib.compress(x)).decode()}
+        return x
+
+    @staticmethod
+    def _dec(x):
+        if isinstance(x, dict):
+            import base64
+            return zlib.decompress(base64.b64decode(x["z"]))
+        return x
+
+    def _load(self):
+        """Reuse a saved index (or kept cache) when it is for this very image."""
+        try:
+            with open(self.index_file) as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            return False
+        try:
+            if doc.get("magic") != self.INDEX_MAGIC or doc.get("codec") != self.codec.name or \
+                    doc.get("identity") != self.identity or doc.get("mode") != self.mode:
+                return False
+            if self.mode == "cache":
+                if not os.path.exists(self.cache_file) or \
+                        os.path.getsize(self.cache_file) != doc["size"]:
+                    return False
+                self.cache_fd = os.open(self.cache_file, os.O_RDONLY)
+            else:
+                for item in doc["points"]:
+                    self.index.add(item[0], tuple(self._dec(x) for x in item[1:]))
+            self.size, self.error = doc["size"], doc.get("error")
+            return True
+        except (KeyError, TypeError, ValueError, IndexError):
+            self.index = SeekIndex()
+            return False
+
+    # --- reads ------------------------------------------------------------
+    def _chunk(self, i):
+        chunk = self.lru.get(i)
+        if chunk is None:
+            offs = self.index.offsets
+            length = (offs[i + 1] if i + 1 < len(offs) else self.size) - offs[i]
+            chunk = self.impl.decode(self.index.points[i], length)[:length]
+            if len(chunk) < length:
+                raise OSError(errno.EIO, "compressed data at decompressed offset %d decodes short"
+                              % offs[i])
+            self.lru.put(i, chunk)
+        return chunk
+
+    def pread(self, n, offset):
+        end = min(offset + n, self.size)
+        if offset + n > self.size and self.error:
+            raise OSError(errno.EIO, "decompressed bytes past offset %d cannot be read: %s"
+                          % (self.size, self.error))
+        if self.cache_fd is not None:
+            return os.pread(self.cache_fd, max(0, end - offset), offset)
+        parts = []
+        try:
+            while offset < end:
+                i = bisect.bisect_right(self.index.offsets, offset) - 1
+                chunk = self._chunk(i)
+                k = offset - self.index.offsets[i]
+                piece = chunk[k:k + end - offset]
+                if not piece:
+                    raise OSError(errno.EIO, "no data at decompressed offset %d" % offset)
+                parts.append(piece)
+                offset += len(piece)
+        except VimageError as e:
+            raise OSError(errno.EIO, str(e))
+        return b"".join(parts)
+
+    def preadv_into(self, bufs, offset):
+        data = self.pread(sum(len(b) for b in bufs), offset)
+        pos = 0
+        for b in bufs:
+            n = len(b)
+            if pos + n > len(data):
+                raise OSError(errno.EIO, "image is truncated")
+            b[:] = data[pos:pos + n]
+            pos += n
+
+    def close(self, remove=True):
+        if self.cache_fd is not None:
+            os.close(self.cache_fd)
+            self.cache_fd = None
+            if remove and not self.keep_cache:
+                for p in (self.cache_file, self.index_file):
+                    try:
+                        os.unlink(p)
+                    except OSError:
+                        pass
+        self.files.close()
+
+    def describe(self):
+        if self.mode == "cache":
+            return "%s stream, cached in %s" % (self.codec.name, self.cache_file)
+        kinds = {}
+        for p in self.index.points:
+            kinds[p[0]] = kinds.get(p[0], 0) + 1
+        return "%s stream, %d seek points (%s)" % (
+            self.codec.name, len(self.index), ", ".join("%d %s" % (n, k) for k, n in sorted(kinds.items())))
+
+
+class PassSource(Source):
+    """The index pass seen as a stream: the image readers parse it as it runs."""
+
+    def __init__(self, cfile, progress):
+        self.cfile, self.gen, self.progress = cfile, cfile.pass_chunks(), progress
+        self.buf, self.pos = b"", 0
+        self.input_size = cfile.files.size
+        self.ended = False
+
+    def read(self, n):
+        parts, have = [self.buf], len(self.buf)
+        while have < n and not self.ended:
+            chunk = next(self.gen, None)
+            if chunk is None:
+                self.ended = True
+                break
+            parts.append(chunk)
+            have += len(chunk)
+            if self.progress is not None:
+                self.progress.update_to(self.consumed())
+        data = b"".join(parts)
+        self.buf = data[n:]
+        self.pos += min(n, len(data))
+        return data[:n]
+
+    def drain(self):
+        for _chunk in self.gen:
+            if self.progress is not None:
+                self.progress.update_to(self.consumed())
+        self.ended = True
+
+    def consumed(self):
+        """How far the pass is in the compressed input."""
+        cf = self.cfile
+        return cf.files.pos if cf.mode == "cache" else cf.impl.in_pos
+
+
+class RandomStream(Source):
+    """Sequential reads over a random-access source (headers of a saved-index mount)."""
+
+    def __init__(self, ra):
+        self.ra, self.pos = ra, 0
+        self.size = ra.size
+
+    def read(self, n):
+        data = self.ra.pread(max(0, min(n, self.ra.size - self.pos)), self.pos)
+        self.pos += len(data)
+        return data
+
+    def consumed(self):
+        return self.pos
 
 # ===========================================================================
 # Rank index and virtual partition: random access for `mount`
@@ -2496,71 +3452,179 @@ class RawPartition(ReadIntoMixin):
         self.source.preadv_into([out], offset)
 
 
-class VolumeSetReader(Segmented):
-    """Random reads over the logical stream of uncompressed partimage volumes."""
+def volume_paths(first_path):
+    """NAME.000, NAME.001 ... as far as they go (just the path if not numbered)."""
+    m = re.match(r"^(.*)\.(\d{3})$", first_path)
+    paths = [first_path]
+    if m:
+        i = int(m.group(2)) + 1
+        while os.path.exists("%s.%03d" % (m.group(1), i)):
+            paths.append("%s.%03d" % (m.group(1), i))
+            i += 1
+    return paths
 
-    def __init__(self, first_path):
-        m = re.match(r"^(.*)\.(\d{3})$", first_path)
-        paths = [first_path]
-        if m:
-            i = int(m.group(2)) + 1
-            while os.path.exists("%s.%03d" % (m.group(1), i)):
-                paths.append("%s.%03d" % (m.group(1), i))
-                i += 1
-        self.files = FileSource(paths)
-        self.starts, pos = [], 0
-        for i, p in enumerate(paths):
+
+class VolumeSetReader:
+    """Random reads over partimage's logical stream: the volumes (plain files or
+    compressed ones) joined without their 512-byte volume headers."""
+
+    def __init__(self, sources):
+        self.sources, self.starts, pos = sources, [], 0
+        for src in sources:
             self.starts.append(pos)
-            size = (self.files.starts[i + 1] if i + 1 < len(paths) else self.files.size) \
-                - self.files.starts[i]
-            pos += size - PI_VOLUME_HEADER
+            pos += src.size - PI_VOLUME_HEADER
         self.size = pos
 
-    def segments(self, offset, n):
-        out = []
+    def _spans(self, offset, n):
         i = bisect.bisect_right(self.starts, offset) - 1
-        while n > 0 and 0 <= i < len(self.starts):
+        while n > 0 and 0 <= i < len(self.sources):
             end = self.starts[i + 1] if i + 1 < len(self.starts) else self.size
             take = min(n, end - offset)
             if take <= 0:
                 break
-            out.append((self.files.fds[i], PI_VOLUME_HEADER + offset - self.starts[i], take))
+            yield self.sources[i], PI_VOLUME_HEADER + offset - self.starts[i], take
             n -= take
             offset += take
             i += 1
-        return out
 
-    def close(self):
-        self.files.close()
+    def pread(self, n, offset):
+        return b"".join([src.pread(take, off) for src, off, take in self._spans(offset, n)])
+
+    def preadv_into(self, bufs, offset):
+        total = sum(len(b) for b in bufs)
+        spans = list(self._spans(offset, total))
+        if len(spans) == 1 and spans[0][2] == total:
+            return spans[0][0].preadv_into(bufs, spans[0][1])
+        data = self.pread(total, offset)
+        if len(data) < total:
+            raise OSError(errno.EIO, "image is truncated")
+        pos = 0
+        for b in bufs:
+            b[:] = data[pos:pos + len(b)]
+            pos += len(b)
+
+    def close(self, remove=True):
+        for src in self.sources:
+            close_source(src, remove)
 
 
-def open_partition(path, index_bits=DEFAULT_INDEX_BITS, verify_reads=False, quiet=False):
-    """(image, virtual partition, closer) for mounting an uncompressed image."""
-    image = open_image(path)
-    comp = image.container.get("compression")
+def close_source(src, remove=True):
+    """Close a plain or compressed source; remove=False keeps cache files (the
+    parent of a mount closes its copies while the mount process goes on)."""
+    if isinstance(src, CompressedFile):
+        src.close(remove)
+    else:
+        src.close()
+
+
+def estimate_cache_need(files, codec):
+    """Bytes a cache file will take, when the image header tells (else None)."""
+    try:
+        if RANDOM_ACCESS.get(codec.name) is XzAccess:
+            x = XzAccess(files)
+            x._parse()
+            return sum(b[4] for b in x.blocks)
+        files.pos = 0
+        stream = PeekSource(codec.open(FileSource(files.paths)))
+        head = stream.peek(64)
+        if head.startswith(PartcloneImage.MAGIC):
+            return PartcloneImage(stream, {}, "").image_length()
+        if head.startswith(NtfscloneImage.MAGIC):
+            img = NtfscloneImage(stream, {}, "")
+            return img.data_start + (img.used_blocks + 1) * (img.block_size + 1)
+    except (VimageError, OSError):
+        pass
+    return None
+
+
+def open_random(path, copts, quiet):
+    """(random-access source of the decompressed bytes, pass source or None)."""
+    files = FileSource(split_pieces(path))
+    head = files.pread(64, 0)
+    codec = next((c for c in DETECTED_CODECS if c.matches(head)), None)
+    if codec is None:
+        return files, None
+    if codec.module:
+        need_module(codec.module, "reading %s-compressed images" % codec.name, codec.pip_name)
+    cf = CompressedFile(files, codec, index_memory=copts.get("index_memory", 256 * MiB),
+                        cache=copts.get("cache_dir"), keep_cache=copts.get("keep_cache", False),
+                        index_file=copts.get("index_file"), quiet=quiet)
+    if cf.loaded:
+        return cf, None
+    if cf.mode == "cache":
+        cf.announce_cache(estimate_cache_need(files, codec))
+    return cf, PassSource(cf, Progress(files.size, "index %s" % os.path.basename(path), quiet))
+
+
+def open_partition(path, index_bits=DEFAULT_INDEX_BITS, verify_reads=False, quiet=False,
+                   **copts):
+    """(image, virtual partition, close(remove)) for mounting an image.
+
+    Compressed images get their seek index (or cache file) here, in one pass."""
     if path == "-":
         raise VimageError("mount needs an image file, not stdin")
-    if comp or (isinstance(image, PartimageImage) and image.image_compression):
-        image.stream.close()
-        raise VimageError("%s is %s-compressed; mounting compressed images in place is not "
-                          "supported yet: extract it first (vimage.py extract IMAGE FILE)"
-                          % (path, comp or image.image_compression))
-    if isinstance(image, PartimageImage):
-        reader = VolumeSetReader(path)
-        part = BlockPartition(image, reader, index_bits, verify_reads)
-        return image, part, lambda: (reader.close(), image.stream.close())
-    files = FileSource(split_pieces(path))
-    if isinstance(image, NtfscloneImage):
-        if verify_reads:
-            raise VimageError("--verify-reads: ntfsclone images have no checksums")
-        part = NtfsPartition(image, files, quiet)
-    elif isinstance(image, PartcloneImage):
-        part = BlockPartition(image, files, index_bits, verify_reads)
-    else:
-        if verify_reads:
-            raise VimageError("--verify-reads: raw images have no checksums")
-        part = RawPartition(image, files)
-    return image, part, lambda: (files.close(), image.stream.close())
+    probe = open_image(path)            # the format, from the headers alone
+    probe.stream.close()
+    if isinstance(probe, PartimageImage):
+        sources = []
+        try:
+            for vp in volume_paths(path):
+                src, passer = open_random(vp, copts, quiet)
+                sources.append(src)
+                if passer is not None:
+                    passer.drain()
+                    passer.progress.close()
+        except BaseException:
+            for src in sources:
+                close_source(src)
+            raise
+        reader = VolumeSetReader(sources)
+        part = BlockPartition(probe, reader, index_bits, verify_reads)
+        part.how = describe_sources(sources)
+        return probe, part, reader.close
+    src, passer = open_random(path, copts, quiet)
+    try:
+        container = {"compression": src.codec.name if isinstance(src, CompressedFile) else None,
+                     "pieces": len(src.files.paths if isinstance(src, CompressedFile) else src.paths)}
+        stream = PeekSource(passer if passer is not None else RandomStream(src))
+        image = detect_image(stream, container, path)
+        if isinstance(image, NtfscloneImage):
+            if verify_reads:
+                raise VimageError("--verify-reads: ntfsclone images have no checksums")
+            part = NtfsPartition(image, src, quiet or passer is not None)
+        if passer is not None:
+            passer.drain()
+            passer.progress.close()
+        if isinstance(image, PartcloneImage):
+            part = BlockPartition(image, src, index_bits, verify_reads)
+        elif isinstance(image, RawImage):
+            if verify_reads:
+                raise VimageError("--verify-reads: raw images have no checksums")
+            image.size = src.size
+            part = RawPartition(image, src)
+        elif not isinstance(image, NtfscloneImage):
+            raise VimageError("%s: a partimage image inside a compressed file cannot be mounted"
+                              % path)
+    except BaseException:
+        close_source(src)
+        raise
+    part.how = describe_sources([src])
+    return image, part, lambda remove=True: close_source(src, remove)
+
+
+def describe_sources(sources):
+    """How the mount reads the image: seek points or cache, per compressed file."""
+    parts = []
+    for src in sources:
+        if isinstance(src, CompressedFile):
+            line = src.describe()
+            if src.loaded:
+                line += ", index reused from %s" % src.index_file
+            if src.error:
+                line += "; DAMAGED: %s (reads past decompressed offset %d give EIO)" % (
+                    src.error, src.size)
+            parts.append(line)
+    return "; ".join(parts)
 
 
 # ===========================================================================
@@ -2905,6 +3969,9 @@ def run_scan(image, sink, report, quiet, desc):
         image.scan(sink, report, progress)
     finally:
         progress.close()
+    failed = image.stream.failure()
+    if failed is not None:          # the image ended early because its container broke
+        raise failed
 
 
 def cmd_verify(args):
@@ -3061,8 +4128,10 @@ def mount_summary(args, image, part, name, path, fstype, took, files_cmd):
     lines = ["%s: %s" % (args.image, describe(image)),
              "virtual partition: %s (%d bytes%s)" % (path, part.size,
                                                     ", %s" % fstype if fstype else "")]
+    if getattr(part, "how", ""):
+        lines.append("reading: %s" % part.how)
     if took >= 0.05:
-        lines.append("index built in %.1f s" % took)
+        lines.append("ready in %.1f s (index pass included)" % took)
     if files_cmd:
         lines.append("files: %s (mounted with: %s)" % (args.mountpoint, files_cmd))
     elif fstype in FS_COMMANDS:
@@ -3087,7 +4156,10 @@ def cmd_mount(args):
     if args.files and os.geteuid() != 0:
         raise VimageError("--files loop-mounts the file system and needs root")
     start = time.monotonic()
-    image, part, close = open_partition(args.image, args.index_size, args.verify_reads, args.quiet)
+    image, part, close = open_partition(
+        args.image, args.index_size, args.verify_reads, args.quiet,
+        index_memory=args.index_memory, cache_dir=args.cache_dir, keep_cache=args.keep_cache,
+        index_file=args.index)
     took = time.monotonic() - start
     name = virtual_name(args.image)
     fstype = detect_filesystem(part)
@@ -3139,7 +4211,7 @@ def cmd_mount(args):
         except RuntimeError as e:
             raise VimageError("mounting failed: %s" % e)
         finally:
-            close()
+            close(True)
             if args.files:
                 _cleanup_files_state(fuse_dir)
         return 0
@@ -3167,6 +4239,10 @@ def cmd_mount(args):
             except BaseException as e:
                 os.write(2, ("%s\n" % e).encode())
         finally:
+            try:
+                close(True)
+            except Exception:
+                pass
             if args.files:
                 _cleanup_files_state(fuse_dir)
             os._exit(0)
@@ -3194,7 +4270,7 @@ def cmd_mount(args):
         _fuse_unmount(fuse_dir)
         raise VimageError("the mount at %s did not become usable" % fuse_dir)
     finish_mount()
-    close()
+    close(False)                 # the mount process keeps its own copies
     return 0
 
 
@@ -3276,6 +4352,14 @@ EPILOG = """examples:
 """ % {"p": PROG}
 
 
+def parse_size(text):
+    """'256M', '1G', '4096' -> bytes."""
+    m = re.match(r"^\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*$", text)
+    if not m:
+        raise argparse.ArgumentTypeError("not a size: %r" % text)
+    return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m.group(2).lower()]
+
+
 def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
@@ -3322,6 +4406,16 @@ def build_parser():
                    help="also loop-mount the file system read-only at MOUNTPOINT (root)")
     p.add_argument("--verify-reads", action="store_true",
                    help="check the checksum group of every block served; EIO on a mismatch")
+    p.add_argument("--index", metavar="FILE",
+                   help="where to save/reuse the seek index of a compressed image "
+                   "(default: in the cache directory)")
+    p.add_argument("--index-memory", type=parse_size, default=256 * MiB, metavar="SIZE",
+                   help="memory for in-memory seek points of gzip streams (default 256M)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="for indexes and cache files (default $XDG_CACHE_HOME/vimage "
+                   "or ~/.cache/vimage)")
+    p.add_argument("--keep-cache", action="store_true",
+                   help="keep a cache file at unmount, to reuse it next time")
     p = add("umount", "unmount what `mount` mounted (both layers with --files)",
             "%s umount /mnt/img" % PROG)
     p.add_argument("mountpoint")

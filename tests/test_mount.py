@@ -1,7 +1,5 @@
 """mount / umount end to end (root, /dev/fuse, fusepy), and the rank index."""
 import errno
-import hashlib
-import json
 import os
 import random
 import signal
@@ -232,7 +230,7 @@ def test_verify_reads_gives_eio_on_bad_data(tmp_path, mnt):
     img = vimage.open_image(image_path(name))
     if img.checksum == "none" or not img.reseed:
         pytest.skip("needs a reseeded checksum image")
-    start, bs, bpc = img.data_start, img.block_size, img.bpc
+    start, bs = img.data_start, img.block_size
     first_used = next(iter(img.runs()))[0]
     img.stream.close()
     bad = tmp_path / "bad.ptcl-img"
@@ -265,18 +263,6 @@ def test_mount_point_errors(tmp_path):
     assert_clean_error(proc)
     assert b"not empty" in proc.stderr
     assert_clean_error(run("umount", tmp_path))
-
-
-def test_compressed_image_is_refused_clearly(tmp_path):
-    if not can_mount():
-        pytest.skip("needs fusepy")
-    gz = [n for n in EXPECTED if EXPECTED[n].get("compression") == "gzip"]
-    if not gz:
-        pytest.skip("no gzip image")
-    (tmp_path / "m").mkdir()
-    proc = run("mount", image_path(gz[0]), tmp_path / "m")
-    assert_clean_error(proc)
-    assert b"compressed" in proc.stderr and b"extract" in proc.stderr
 
 
 # --- the index, without FUSE -------------------------------------------------

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import EXPECTED, ROOT, image_path, run, sha256_file
+from conftest import EXPECTED, ROOT, image_path, sha256_file
 
 import vimage
 

@@ -1,8 +1,5 @@
 """Property tests: random byte flips never crash vimage, and a flip in
 checksummed data is always caught."""
-import os
-import sys
-
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
