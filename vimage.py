@@ -21,8 +21,10 @@ What it promises:
   * `verify` checks every checksum the format has and names each bad place;
   * bad input gives a one-line error and exit status 1, never a traceback.
 
-Subcommands: info, verify, extract, mount, umount.  `mount` needs fusepy
-(or mfusepy); everything else runs on the standard library alone.
+Subcommands: info, verify, extract, mount, umount.  `mount` serves the
+partition as one read-only file through FUSE, compressed images included
+(seek points, or a cache file where a codec has none); it needs fusepy (or
+mfusepy).  Everything else runs on the standard library alone.
 Optional speed-ups: tqdm (progress bars), xxhash (fast XXH64/XXH128).
 """
 
@@ -2342,17 +2344,32 @@ def _read_varint(buf, pos):
             return n, pos
 
 
-class GzipAccess:
-    """gzip, pigz, multi-member: points at members, sync flushes, and spacing."""
+class SeekAccess:
+    """What the seek-point readers share: the files, the pass's progress, and
+    points that can be saved to disk."""
 
     out_pos = in_pos = 0          # progress of the pass
+
+    def __init__(self, files):
+        self.files = files
+
+    def plan(self):
+        """'points' when the stream has restart points, else 'cache'."""
+        return "points"
+
+    @staticmethod
+    def savable(point):
+        return True
+
+
+class GzipAccess(SeekAccess):
+    """gzip, pigz, multi-member: points at members, sync flushes, and spacing."""
+
     name = "gzip"
 
     def __init__(self, files, spacing=GZIP_SPACING, budget=256 * MiB):
-        self.files, self.spacing, self.budget = files, spacing, budget
-
-    def plan(self):
-        return "points"
+        SeekAccess.__init__(self, files)
+        self.spacing, self.budget = spacing, budget
 
     def run(self, index):
         """The pass: yields decompressed chunks, adds seek points to index."""
@@ -2483,20 +2500,16 @@ class GzipAccess:
         return point[0] != "zlib"
 
 
-class Bzip2Access:
+class Bzip2Access(SeekAccess):
     """bzip2 (also lbzip2, pbzip2 multi-stream): every block is a seek point."""
 
-    out_pos = in_pos = 0          # progress of the pass
     name = "bzip2"
     BLOCK = 0x314159265359
     END = 0x177245385090
 
     def __init__(self, files):
-        self.files = files
+        SeekAccess.__init__(self, files)
         self.patterns = [self._patterns(m) for m in (self.BLOCK, self.END)]
-
-    def plan(self):
-        return "points"
 
     @staticmethod
     def _patterns(magic):
@@ -2622,20 +2635,12 @@ class Bzip2Access:
         buf = self.files.pread((first % 8 + nbits + 7) // 8, first // 8)
         return self._decode_block(level, self._bits(buf, first % 8, first % 8 + nbits), nbits, crc)
 
-    @staticmethod
-    def savable(point):
-        return True
 
-
-class XzAccess:
+class XzAccess(SeekAccess):
     """xz with several blocks or streams: the stream indexes list every block."""
 
-    out_pos = in_pos = 0          # progress of the pass
     name = "xz"
-
-    def __init__(self, files):
-        self.files = files
-        self.blocks = None
+    blocks = None
 
     def _parse(self):
         """[(stream flags, block offset, padded size, unpadded size, decompressed size)]."""
@@ -2706,10 +2711,6 @@ class XzAccess:
         except lzma.LZMAError as e:
             raise ContainerError("xz block at input offset %d is corrupt: %s" % (offset, e))
 
-    @staticmethod
-    def savable(point):
-        return True
-
 
 def _zstd_decompress(data):
     zstandard = optional_module("zstandard")
@@ -2724,14 +2725,10 @@ def _zstd_decompress(data):
         raise ContainerError("zstd frame is corrupt: %s" % e)
 
 
-class ZstdAccess:
+class ZstdAccess(SeekAccess):
     """zstd with several frames: every frame is a seek point."""
 
-    out_pos = in_pos = 0          # progress of the pass
     name = "zstd"
-
-    def __init__(self, files):
-        self.files = files
 
     def _frames(self):
         """[(input offset, length)] of the data frames (skippable ones left out)."""
@@ -2784,20 +2781,12 @@ class ZstdAccess:
     def decode(self, point, length):
         return _zstd_decompress(self.files.pread(point[2], point[1]))
 
-    @staticmethod
-    def savable(point):
-        return True
 
-
-class Lz4Access:
+class Lz4Access(SeekAccess):
     """lz4 frames with independent blocks (the lz4 command's default)."""
 
-    out_pos = in_pos = 0          # progress of the pass
     name = "lz4"
     BLOCK_MAX = {4: 64 << 10, 5: 256 << 10, 6: 1 << 20, 7: 4 << 20}
-
-    def __init__(self, files):
-        self.files = files
 
     def _blocks(self):
         files, pos, blocks, independent = self.files, 0, [], True
@@ -2855,10 +2844,6 @@ class Lz4Access:
             return block.decompress(data, uncompressed_size=bmax)
         except Exception as e:
             raise ContainerError("lz4 block at input offset %d is corrupt: %s" % (offset, e))
-
-    @staticmethod
-    def savable(point):
-        return True
 
 
 RANDOM_ACCESS = {   # codec name -> its seek-point reader; others use the cache file

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -199,10 +200,65 @@ def peak_rss_of_mount(image, mp):
     return int(kib), float(secs)
 
 
+COMPRESSED = [  # (suffix, command that makes it, plain decompressor command, random-read target)
+    ("gz", "pigz -c", "gzip -dc", True),
+    ("zst", "zstd -q -T0 -c", "zstd -dc", False),
+    ("xz", "xz -T2 -c", "xz -dc", True),
+    ("bz2", "lbzip2 -n 2 -c", "bzip2 -dc", True),
+    ("lz4", "lz4 -q -c", "lz4 -dc", True),
+]
+
+
+def mount_timed(image, mp, *opts):
+    """(seconds to a usable file, peak RSS KiB of the mount command)."""
+    os.makedirs(mp, exist_ok=True)
+    out = subprocess.run(["/usr/bin/time", "-f", "%M %e", PY, VIMAGE, "mount", "-q"] + list(opts)
+                         + [image, mp], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         check=True)
+    kib, secs = out.stderr.decode().split()[-2:]
+    return float(secs), int(kib)
+
+
+def compressed_bench():
+    """Issue: mount compressed images in place (pass, reads, memory, re-mount)."""
+    mp = os.path.join(BENCH, "mp")
+    cache = os.path.join(BENCH, "cache")
+    print()
+    print("| codec | plain decompressor to /dev/null | index pass (mount) | pass / decompressor "
+          "| sequential read of the mount | random 4 KiB p50 / p99 | peak RSS of mount | "
+          "mount again with saved index |")
+    print("|---|---|---|---|---|---|---|---|")
+    for suffix, make, plain, _rand in COMPRESSED:
+        path = IMG + "." + suffix
+        if not os.path.exists(path):
+            sh("%s %s > %s" % (make, IMG, path))
+        warm(path)
+        t_plain = timed(lambda: sh("%s %s > /dev/null" % (plain, path)))
+        shutil.rmtree(cache, ignore_errors=True)
+        t_pass, rss = mount_timed(path, mp, "--cache-dir", cache)
+        vfile = os.path.join(mp, "bench.ptcl-img")
+        try:
+            t_seq = timed(lambda: read_seq(vfile))
+            _total, p50, p99 = random_reads(vfile, n=300)
+        finally:
+            sh([PY, VIMAGE, "umount", "-q", mp])
+        t_again, _ = mount_timed(path, mp, "--cache-dir", cache) if suffix != "zst" else (None, 0)
+        if suffix != "zst":
+            sh([PY, VIMAGE, "umount", "-q", mp])
+        print("| %s (`%s`) | %.1f s | %.1f s | %.2fx | %.1f s | %.1f / %.1f ms | %.0f MiB | %s |" % (
+            suffix, make, t_plain, t_pass, t_pass / t_plain, t_seq, p50 * 1e3, p99 * 1e3,
+            rss / 1024.0, "%.2f s" % t_again if t_again is not None else
+            "n/a (cache file, removed at unmount)"), flush=True)
+    shutil.rmtree(cache, ignore_errors=True)
+
+
 def main():
     if os.geteuid() != 0:
         sys.exit("make bench needs root (loop mounts, FUSE)")
     build()
+    if sys.argv[1:] == ["compressed"]:
+        compressed_bench()
+        return
     rows = []
 
     def row(what, ours, peer_name, peer):
@@ -293,6 +349,7 @@ def main():
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0))
     for p in (out, ref):
         os.unlink(p)
+    compressed_bench()
 
 
 if __name__ == "__main__":

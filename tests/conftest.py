@@ -12,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTDATA = os.path.join(ROOT, "testdata")
 VIMAGE = os.path.join(ROOT, "vimage.py")
 sys.path.insert(0, ROOT)
+import vimage  # noqa: E402
 
 with open(os.path.join(TESTDATA, "expected.json")) as f:
     EXPECTED = json.load(f)
@@ -56,3 +57,59 @@ def assert_clean_error(proc, code=1):
 @pytest.fixture
 def tmp(tmp_path):
     return tmp_path
+
+
+def can_mount():
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        return False
+    try:
+        vimage.load_fuse()
+    except vimage.VimageError:
+        return False
+    return True
+
+
+needs_fuse = pytest.mark.skipif(not can_mount(), reason="needs root, /dev/fuse and fusepy")
+
+
+def mounted(path):
+    path = os.path.realpath(str(path))
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+@pytest.fixture
+def mnt(tmp_path):
+    d = tmp_path / "mnt"
+    d.mkdir()
+    yield d
+    for _ in range(3):
+        if mounted(d):
+            run("umount", "-q", d)
+            subprocess.run(["umount", "-l", str(d)], stderr=subprocess.DEVNULL)
+    assert not mounted(d)
+
+
+def threaded_random_reads(path, want, threads=8, rounds=100, sizes=(1, 511, 4096, 65536, 300000)):
+    """Read random ranges of `path` from several threads at once; returns the
+    (offset, size) of every read that did not give `want`'s bytes."""
+    import random
+    import threading
+    errors = []
+
+    def worker(seed):
+        rnd = random.Random(seed)
+        fd = os.open(str(path), os.O_RDONLY)
+        try:
+            for _ in range(rounds):
+                off, n = rnd.randrange(len(want)), rnd.choice(sizes)
+                if os.pread(fd, n, off) != want[off:off + n]:
+                    errors.append((off, n))
+        finally:
+            os.close(fd)
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return errors

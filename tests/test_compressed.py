@@ -5,12 +5,10 @@ import os
 import random
 import shutil
 import subprocess
-import threading
 
 import pytest
 
-from conftest import EXPECTED, image_path, run, sha256_file
-from test_mount import mounted, needs_fuse, mnt  # noqa: F401,F811  (a fixture)
+from conftest import EXPECTED, image_path, mounted, needs_fuse, run, sha256_file, threaded_random_reads
 
 import vimage
 
@@ -147,23 +145,7 @@ def test_compressed_ntfsclone_and_threads(tmp_path, mnt):
     assert run("extract", "-q", image_path(name), ref).returncode == 0
     want = ref.read_bytes()
     assert run("mount", f, mnt).returncode == 0
-    vfile = str(mnt / "ntfs.img")
-    errors = []
-
-    def worker(seed):
-        rnd = random.Random(seed)
-        fd = os.open(vfile, os.O_RDONLY)
-        for _ in range(60):
-            off, n = rnd.randrange(len(want)), rnd.choice([1, 4096, 200000])
-            if os.pread(fd, n, off) != want[off:off + n]:
-                errors.append(off)
-        os.close(fd)
-    ts = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert not errors
+    assert not threaded_random_reads(mnt / "ntfs.img", want, rounds=60, sizes=(1, 4096, 200000))
 
 
 @needs_fuse

@@ -6,45 +6,14 @@ import signal
 import shutil
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-from conftest import EXPECTED, ROOT, TESTDATA, assert_clean_error, have, image_path, run, sha256_file
+from conftest import (EXPECTED, ROOT, TESTDATA, assert_clean_error, can_mount, have, image_path,
+                      mounted, needs_fuse, run, sha256_file, threaded_random_reads)
 
 import vimage
-
-
-def can_mount():
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        return False
-    try:
-        vimage.load_fuse()
-    except vimage.VimageError:
-        return False
-    return True
-
-
-needs_fuse = pytest.mark.skipif(not can_mount(), reason="needs root, /dev/fuse and fusepy")
-
-
-def mounted(path):
-    path = os.path.realpath(str(path))
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path for line in f)
-
-
-@pytest.fixture
-def mnt(tmp_path):
-    d = tmp_path / "mnt"
-    d.mkdir()
-    yield d
-    for _ in range(3):
-        if mounted(d):
-            run("umount", "-q", d)
-            subprocess.run(["umount", "-l", str(d)], stderr=subprocess.DEVNULL)
-    assert not mounted(d)
 
 
 def mount(image, mp, *opts):
@@ -126,27 +95,7 @@ def test_eight_threads_random_reads(tmp_path, mnt, threads):
     assert run("extract", "-q", image_path(name), ref).returncode == 0
     want = ref.read_bytes()
     mount(image_path(name), mnt, *(["--threads"] if threads else []))
-    vfile = str(mnt / vimage.virtual_name(name))
-    errors = []
-
-    def worker(seed):
-        rnd = random.Random(seed)
-        fd = os.open(vfile, os.O_RDONLY)
-        try:
-            for _ in range(150):
-                off = rnd.randrange(0, len(want))
-                n = rnd.choice([1, 511, 4096, 65536, 300000])
-                got = os.pread(fd, n, off)
-                if got != want[off:off + n]:
-                    errors.append((off, n))
-        finally:
-            os.close(fd)
-    ts = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert not errors
+    assert not threaded_random_reads(mnt / vimage.virtual_name(name), want, rounds=150)
 
 
 @needs_fuse
