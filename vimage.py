@@ -2712,6 +2712,23 @@ class XzAccess(SeekAccess):
             raise ContainerError("xz block at input offset %d is corrupt: %s" % (offset, e))
 
 
+def next_frame(files, pos, magic, what):
+    """(offset, first 18 bytes) of the next frame with `magic` from pos on,
+    past skippable frames (zstd and lz4 share them); (None, None) at the end."""
+    while pos < files.size:
+        head = files.pread(18, pos)
+        (found,) = struct.unpack_from("<I", head + b"\0" * 4, 0)
+        if 0x184D2A50 <= found <= 0x184D2A5F:
+            pos += 8 + struct.unpack_from("<I", head + b"\0" * 8, 4)[0]
+        elif found == magic:
+            return pos, head
+        elif not head.strip(b"\0"):
+            break
+        else:
+            raise ContainerError("%s stream: unexpected data at input offset %d" % (what, pos))
+    return None, None
+
+
 def _zstd_decompress(data):
     zstandard = optional_module("zstandard")
     try:
@@ -2733,16 +2750,10 @@ class ZstdAccess(SeekAccess):
     def _frames(self):
         """[(input offset, length)] of the data frames (skippable ones left out)."""
         files, pos, frames = self.files, 0, []
-        while pos < files.size:
-            head = files.pread(18, pos)
-            (magic,) = struct.unpack_from("<I", head + b"\0" * 4, 0)
-            if 0x184D2A50 <= magic <= 0x184D2A5F:
-                pos += 8 + struct.unpack_from("<I", head, 4)[0]
-                continue
-            if magic != 0xFD2FB528:
-                if not head.strip(b"\0"):
-                    break
-                raise ContainerError("zstd stream: unexpected data at input offset %d" % pos)
+        while True:
+            pos, head = next_frame(files, pos, 0xFD2FB528, "zstd")
+            if pos is None:
+                break
             fhd = head[4]
             single, checksum, did, fcs = fhd >> 5 & 1, fhd >> 2 & 1, fhd & 3, fhd >> 6
             size = 5 + (0 if single else 1) + (0, 1, 2, 4)[did] + \
@@ -2790,16 +2801,10 @@ class Lz4Access(SeekAccess):
 
     def _blocks(self):
         files, pos, blocks, independent = self.files, 0, [], True
-        while pos < files.size:
-            head = files.pread(15, pos)
-            (magic,) = struct.unpack_from("<I", head + b"\0" * 4, 0)
-            if 0x184D2A50 <= magic <= 0x184D2A5F:
-                pos += 8 + struct.unpack_from("<I", head, 4)[0]
-                continue
-            if magic != 0x184D2204:
-                if not head.strip(b"\0"):
-                    break
-                raise ContainerError("lz4 stream: unexpected data at input offset %d" % pos)
+        while True:
+            pos, head = next_frame(files, pos, 0x184D2204, "lz4")
+            if pos is None:
+                break
             flg, bd = head[4], head[5]
             independent = independent and bool(flg & 0x20)
             bmax = self.BLOCK_MAX.get(bd >> 4 & 7)
