@@ -1570,8 +1570,8 @@ class PartcloneImage(Image):
             raise FormatError("partclone header has no valid endian marker")
         self.endian = e
         fs = cstr(h[36:52])
-        device_size, total, used, used_bitmap, bs = struct.unpack_from(e + "QQQQI", h, 52)
-        _feature, image_version, cpu_bits, mode, csize, bpc, reseed, bitmap_mode = \
+        device_size, total, used, _used_bitmap, bs = struct.unpack_from(e + "QQQQI", h, 52)
+        _feature, _image_version, cpu_bits, mode, csize, bpc, reseed, bitmap_mode = \
             struct.unpack_from(e + "IHHHHIBB", h, 88)
         (stored_crc,) = struct.unpack_from(e + "I", h, 106)
         check_sizes(bs, total, device_size, "partclone header")
@@ -1611,7 +1611,6 @@ class PartcloneImage(Image):
                       "checksum_size": size, "reseed": self.reseed if size else None,
                       "endian": "little" if e == "<" else "big", "cpu_bits": cpu_bits,
                       "header_used_blocks": used}
-        del image_version, used_bitmap
 
     def _bitmap_used(self):
         tail = self.total_blocks % 8
@@ -3514,14 +3513,16 @@ def estimate_cache_need(files, codec):
             x = XzAccess(files)
             x._parse()
             return sum(b[4] for b in x.blocks)
-        files.pos = 0
         stream = PeekSource(codec.open(FileSource(files.paths)))
-        head = stream.peek(64)
-        if head.startswith(PartcloneImage.MAGIC):
-            return PartcloneImage(stream, {}, "").image_length()
-        if head.startswith(NtfscloneImage.MAGIC):
-            img = NtfscloneImage(stream, {}, "")
-            return img.data_start + (img.used_blocks + 1) * (img.block_size + 1)
+        try:
+            head = stream.peek(64)
+            if head.startswith(PartcloneImage.MAGIC):
+                return PartcloneImage(stream, {}, "").image_length()
+            if head.startswith(NtfscloneImage.MAGIC):
+                img = NtfscloneImage(stream, {}, "")
+                return img.data_start + (img.used_blocks + 1) * (img.block_size + 1)
+        finally:
+            stream.close()
     except (VimageError, OSError):
         pass
     return None
@@ -4036,7 +4037,7 @@ def cmd_extract(args):
     created = False
     try:
         say(args, "%s: %s" % (args.image, describe(image)))
-        inputs = getattr(image.stream, "paths", None) or [] if args.image == "-" else [args.image]
+        inputs = [] if args.image == "-" else split_pieces(args.image) + volume_paths(args.image)
         fd, sink, created = open_output(args.output, args.force, image.size, inputs)
         warnings = []
 
