@@ -46,6 +46,10 @@ demo: setup
 	  $(PY) vimage.py mount --files testdata/ext4-a3-xxh128.ptcl-img $(DEMO)/mnt; \
 	  ls -la $(DEMO)/mnt; \
 	  $(PY) vimage.py umount $(DEMO)/mnt; \
+	  echo "the split, pigz-compressed image, mounted in place:"; \
+	  $(PY) vimage.py mount --files --cache-dir $(DEMO)/cache testdata/sda1.ext4-ptcl-img.gz.aa $(DEMO)/mnt; \
+	  ls -la $(DEMO)/mnt/text; head -3 $(DEMO)/mnt/text/lorem.txt; \
+	  $(PY) vimage.py umount $(DEMO)/mnt; \
 	else echo "(mount demo skipped: needs root and /dev/fuse)"; fi
 
 test: setup
