@@ -30,6 +30,8 @@ COMMANDS = [
     ("zstd-frames", ["bash", "-c", "split -b 400000 --filter='zstd -q -c' -"], "zstandard", "points"),
     ("lz4", ["lz4", "-q", "-B4", "-c"], "lz4", "points"),
     ("lz4-dependent", ["lz4", "-q", "-BD", "-c"], "lz4", "cache"),
+    ("lz4-legacy", ["lz4", "-l", "-q", "-c"], "lz4", "cache"),
+    ("lzop", ["lzop", "-c"], "lzo", "cache"),
 ]
 IDS = [c[0] for c in COMMANDS]
 
