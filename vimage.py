@@ -124,16 +124,20 @@ def optional_module(name):
 
 
 if hasattr(int, "bit_count"):
-    def popcount(data):
-        """Number of set bits in a bytes-like object."""
-        return int.from_bytes(data, "little").bit_count()  # novermin
+    def _popcount_int(x):
+        return x.bit_count()  # novermin
 else:  # Python < 3.10
-    def popcount(data):
-        """Number of set bits in a bytes-like object."""
-        total = 0
-        for i in range(0, len(data), MiB):
-            total += bin(int.from_bytes(data[i:i + MiB], "little")).count("1")
-        return total
+    def _popcount_int(x):
+        return bin(x).count("1")
+
+
+def popcount(data):
+    """Number of set bits in a bytes-like object (in 1 MiB steps: no big copies)."""
+    if len(data) <= MiB:
+        return _popcount_int(int.from_bytes(data, "little"))
+    view = memoryview(data)
+    return sum(_popcount_int(int.from_bytes(view[i:i + MiB], "little"))
+               for i in range(0, len(view), MiB))
 
 
 class Progress:
@@ -1469,8 +1473,9 @@ def emit_spans(sink, spans, payload, bs):
 
 
 def read_fully(stream, n, what):
-    """Read n bytes in CHUNK pieces (memory follows the data actually there)."""
-    if n <= CHUNK:
+    """Read n bytes; from a stream of unknown length in CHUNK pieces, so that
+    memory follows the data actually there, not what a header claims."""
+    if n <= CHUNK or (stream.size is not None and n <= stream.size):
         data = stream.read(n)
     else:
         parts, left = [], n
@@ -1614,7 +1619,7 @@ class PartcloneImage(Image):
 
     def _bitmap_used(self):
         tail = self.total_blocks % 8
-        used = popcount(self.bitmap[:self.total_blocks // 8])
+        used = popcount(memoryview(self.bitmap)[:self.total_blocks // 8])
         if tail:
             used += bin(self.bitmap[-1] & ((1 << tail) - 1)).count("1")
         if used != self.header_used:
@@ -2080,7 +2085,7 @@ class PartimageImage(Image):
         self.filesystem = cstr(main[0:512])
         self.size = part_size
         self.block_size, self.total_blocks = bs, total
-        self.used_blocks = popcount(self.bitmap[:total // 8]) + \
+        self.used_blocks = popcount(memoryview(self.bitmap)[:total // 8]) + \
             (bin(self.bitmap[total // 8] & ((1 << (total % 8)) - 1)).count("1") if total % 8 else 0)
         if self.used_blocks != used:
             self.notes.append("the bitmap marks %d blocks used, the header says %d"
@@ -3554,9 +3559,12 @@ def open_partition(path, index_bits=DEFAULT_INDEX_BITS, verify_reads=False, quie
     Compressed images get their seek index (or cache file) here, in one pass."""
     if path == "-":
         raise VimageError("mount needs an image file, not stdin")
-    probe = open_image(path)            # the format, from the headers alone
-    probe.stream.close()
-    if isinstance(probe, PartimageImage):
+    stream, _container = open_stream(path)
+    is_partimage = stream.peek(64).startswith(PartimageImage.MAGIC)
+    stream.close()
+    if is_partimage:
+        probe = open_image(path)        # headers and bitmap, read in order
+        probe.stream.close()
         sources = []
         try:
             for vp in volume_paths(path):
