@@ -42,6 +42,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 import zlib
 from array import array
 from functools import lru_cache
@@ -2886,6 +2887,20 @@ def image_identity(files):
     return {"pieces": stats, "size": size, "sample_sha256": h.hexdigest()}
 
 
+_COMPRESSED_FILES = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    """A forked mount process has none of the parent's prefetch threads: their
+    locks and pending events must not be inherited half-taken."""
+    for cf in list(_COMPRESSED_FILES):
+        cf.reset_threads()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class CompressedFile:
     """Random reads of the decompressed bytes of a compressed (split) file."""
 
@@ -2898,6 +2913,8 @@ class CompressedFile:
         self.quiet = quiet
         self.index = SeekIndex()
         self.lru = ChunkLRU(LRU_BYTES)
+        self.reset_threads()
+        _COMPRESSED_FILES.add(self)
         self.cache_fd = self.cache_path = None
         self.keep_cache = keep_cache
         self.size = None
@@ -3048,17 +3065,56 @@ class CompressedFile:
             return False
 
     # --- reads ------------------------------------------------------------
+    def reset_threads(self):
+        self.prefetch_lock = threading.Lock()
+        self.prefetching = {}        # chunk number -> Event, while a thread decodes it
+        self.last_chunk = -2
+        self.lru.lock = threading.Lock()
+
+    def _decode(self, i):
+        offs = self.index.offsets
+        length = (offs[i + 1] if i + 1 < len(offs) else self.size) - offs[i]
+        chunk = self.impl.decode(self.index.points[i], length)[:length]
+        if len(chunk) < length:
+            raise OSError(errno.EIO, "compressed data at decompressed offset %d decodes short"
+                          % offs[i])
+        self.lru.put(i, chunk)
+        return chunk
+
     def _chunk(self, i):
+        """The decoded chunk of seek point i.  When reads go forward chunk by
+        chunk, the next one is decoded meanwhile in a thread (the codecs
+        release the GIL), so a sequential read keeps two cores busy."""
         chunk = self.lru.get(i)
         if chunk is None:
-            offs = self.index.offsets
-            length = (offs[i + 1] if i + 1 < len(offs) else self.size) - offs[i]
-            chunk = self.impl.decode(self.index.points[i], length)[:length]
-            if len(chunk) < length:
-                raise OSError(errno.EIO, "compressed data at decompressed offset %d decodes short"
-                              % offs[i])
-            self.lru.put(i, chunk)
+            with self.prefetch_lock:
+                pending = self.prefetching.get(i)
+            if pending is not None:
+                pending.wait()
+                chunk = self.lru.get(i)
+            if chunk is None:
+                chunk = self._decode(i)
+        if i == self.last_chunk + 1 and i + 1 < len(self.index):
+            self._prefetch(i + 1)
+        self.last_chunk = i
         return chunk
+
+    def _prefetch(self, i):
+        with self.prefetch_lock:
+            if self.prefetching or self.lru.get(i) is not None:
+                return
+            done = self.prefetching[i] = threading.Event()
+
+        def work():
+            try:
+                self._decode(i)
+            except (OSError, VimageError):
+                pass                   # the read itself will report it
+            finally:
+                with self.prefetch_lock:
+                    del self.prefetching[i]
+                done.set()
+        threading.Thread(target=work, daemon=True).start()
 
     def pread(self, n, offset):
         end = min(offset + n, self.size)
