@@ -2956,6 +2956,7 @@ class CompressedFile:
             self.error = str(e)
             self.size = self.impl.out_pos          # what decoded well before the fault
             log_error("%s; reads past decompressed offset %d fail with EIO" % (e, self.size))
+        self.size_lru()
         self._save()
 
     def announce_cache(self, need):
@@ -3059,12 +3060,19 @@ class CompressedFile:
                 for item in doc["points"]:
                     self.index.add(item[0], tuple(self._dec(x) for x in item[1:]))
             self.size, self.error = doc["size"], doc.get("error")
+            self.size_lru()
             return True
         except (KeyError, TypeError, ValueError, IndexError):
             self.index = SeekIndex()
             return False
 
     # --- reads ------------------------------------------------------------
+    def size_lru(self):
+        """Room for the chunk being read and those decoded ahead of it."""
+        offs = list(self.index.offsets) + [self.size or 0]
+        largest = max([b - a for a, b in zip(offs, offs[1:])] or [0])
+        self.lru.budget = max(LRU_BYTES, (self.PREFETCH + 2) * largest)
+
     def reset_threads(self):
         self.prefetch_lock = threading.Lock()
         self.prefetching = {}        # chunk number -> Event, while a thread decodes it
@@ -3083,8 +3091,8 @@ class CompressedFile:
 
     def _chunk(self, i):
         """The decoded chunk of seek point i.  When reads go forward chunk by
-        chunk, the next one is decoded meanwhile in a thread (the codecs
-        release the GIL), so a sequential read keeps two cores busy."""
+        chunk, the next ones are decoded meanwhile in threads (the codecs
+        release the GIL), so a sequential read keeps the cores busy."""
         chunk = self.lru.get(i)
         if chunk is None:
             with self.prefetch_lock:
@@ -3094,14 +3102,18 @@ class CompressedFile:
                 chunk = self.lru.get(i)
             if chunk is None:
                 chunk = self._decode(i)
-        if i == self.last_chunk + 1 and i + 1 < len(self.index):
-            self._prefetch(i + 1)
+        if i == self.last_chunk + 1:
+            for ahead in range(i + 1, min(i + 1 + self.PREFETCH, len(self.index))):
+                self._prefetch(ahead)
         self.last_chunk = i
         return chunk
 
+    PREFETCH = 2                     # chunks decoded ahead, each in its own thread
+
     def _prefetch(self, i):
         with self.prefetch_lock:
-            if self.prefetching or self.lru.get(i) is not None:
+            if i in self.prefetching or len(self.prefetching) >= self.PREFETCH or \
+                    self.lru.get(i) is not None:
                 return
             done = self.prefetching[i] = threading.Event()
 
