@@ -246,3 +246,20 @@ def test_damaged_stream_gives_eio_not_a_hang(how, tmp_path, mnt):
         os.close(fd)
     assert good and bad
     del want
+
+
+@needs_fuse
+def test_partimage_volume_set_each_volume_compressed(tmp_path, mnt):
+    """partimage -z1 -V writes every volume as its own gzip file."""
+    name = "ext2-split.partimg.000"
+    if name not in EXPECTED:
+        pytest.skip("not bundled")
+    for i in range(len(EXPECTED[name]["files"])):
+        vol = "ext2-split.partimg.%03d" % i
+        compress(["gzip", "-c"], image_path(vol), tmp_path / vol)
+    first = tmp_path / name
+    assert run("verify", "-q", first).returncode == 0
+    proc = run("mount", "--cache-dir", tmp_path / "cache", first, mnt)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count(b"gzip stream") == 2
+    assert sha256_file(mnt / "ext2-split.partimg") == EXPECTED[name]["sha256"]
