@@ -2300,9 +2300,13 @@ class ChunkLRU:
 
     def put(self, key, value):
         with self.lock:
-            if key in self.items:
-                return
+            old = self.items.get(key)
+            if old is not None:
+                if len(old) >= len(value):
+                    return
+                self.used -= len(old)          # a longer decode of the same chunk
             self.items[key] = value
+            self.items.move_to_end(key)
             self.used += len(value)
             while self.used > self.budget and len(self.items) > 1:
                 _k, old = self.items.popitem(last=False)
@@ -2561,9 +2565,10 @@ class Bzip2Access(SeekAccess):
         pad = (-n) % 8
         return b"BZh" + level + (x << pad).to_bytes((n + pad) // 8, "big")
 
-    def _decode_block(self, level, bits, nbits, crc):
+    def _decode_block(self, level, bits, nbits, crc, length=-1):
         try:
-            return bz2.BZ2Decompressor().decompress(self._one_block_stream(level, bits, nbits, crc))
+            return bz2.BZ2Decompressor().decompress(
+                self._one_block_stream(level, bits, nbits, crc), length)
         except (OSError, EOFError, ValueError) as e:
             raise ContainerError("bzip2 block is corrupt: %s" % e)
 
@@ -2638,7 +2643,8 @@ class Bzip2Access(SeekAccess):
     def decode(self, point, length):
         _kind, level, first, nbits, crc = point
         buf = self.files.pread((first % 8 + nbits + 7) // 8, first // 8)
-        return self._decode_block(level, self._bits(buf, first % 8, first % 8 + nbits), nbits, crc)
+        return self._decode_block(level, self._bits(buf, first % 8, first % 8 + nbits), nbits, crc,
+                                  length)
 
 
 class XzAccess(SeekAccess):
@@ -2712,7 +2718,7 @@ class XzAccess(SeekAccess):
         stream = head + self.files.pread(padded, offset) + idx + \
             struct.pack("<I", zlib.crc32(tail)) + tail + b"YZ"
         try:
-            return lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(stream)
+            return lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(stream, length)
         except lzma.LZMAError as e:
             raise ContainerError("xz block at input offset %d is corrupt: %s" % (offset, e))
 
@@ -3079,9 +3085,13 @@ class CompressedFile:
         self.last_chunk = -2
         self.lru.lock = threading.Lock()
 
-    def _decode(self, i):
+    def _decode(self, i, upto=None):
+        """Decode chunk i, or only its first `upto` bytes (a random read need
+        not pay for the rest of a big block); the LRU keeps what was decoded."""
         offs = self.index.offsets
         length = (offs[i + 1] if i + 1 < len(offs) else self.size) - offs[i]
+        if upto is not None:
+            length = min(length, upto)
         chunk = self.impl.decode(self.index.points[i], length)[:length]
         if len(chunk) < length:
             raise OSError(errno.EIO, "compressed data at decompressed offset %d decodes short"
@@ -3089,19 +3099,22 @@ class CompressedFile:
         self.lru.put(i, chunk)
         return chunk
 
-    def _chunk(self, i):
-        """The decoded chunk of seek point i.  When reads go forward chunk by
-        chunk, the next ones are decoded meanwhile in threads (the codecs
-        release the GIL), so a sequential read keeps the cores busy."""
+    PARTIAL_SLACK = MiB              # decoded past a random read, for the reads near it
+
+    def _chunk(self, i, need):
+        """Chunk i, decoded at least to byte `need`.  When reads go forward
+        chunk by chunk, the next ones are decoded meanwhile in threads (the
+        codecs release the GIL), so a sequential read keeps the cores busy."""
         chunk = self.lru.get(i)
-        if chunk is None:
+        if chunk is None or len(chunk) < need:
             with self.prefetch_lock:
                 pending = self.prefetching.get(i)
             if pending is not None:
                 pending.wait()
                 chunk = self.lru.get(i)
-            if chunk is None:
-                chunk = self._decode(i)
+            if chunk is None or len(chunk) < need:
+                forward = i in (self.last_chunk, self.last_chunk + 1)
+                chunk = self._decode(i, None if forward else need + self.PARTIAL_SLACK)
         if i == self.last_chunk + 1:
             for ahead in range(i + 1, min(i + 1 + self.PREFETCH, len(self.index))):
                 self._prefetch(ahead)
@@ -3139,8 +3152,8 @@ class CompressedFile:
         try:
             while offset < end:
                 i = bisect.bisect_right(self.index.offsets, offset) - 1
-                chunk = self._chunk(i)
                 k = offset - self.index.offsets[i]
+                chunk = self._chunk(i, k + end - offset)
                 piece = chunk[k:k + end - offset]
                 if not piece:
                     raise OSError(errno.EIO, "no data at decompressed offset %d" % offset)
