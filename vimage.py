@@ -3152,8 +3152,10 @@ class CompressedFile:
         try:
             while offset < end:
                 i = bisect.bisect_right(self.index.offsets, offset) - 1
-                k = offset - self.index.offsets[i]
-                chunk = self._chunk(i, k + end - offset)
+                offs = self.index.offsets
+                k = offset - offs[i]
+                chunk_end = offs[i + 1] if i + 1 < len(offs) else self.size
+                chunk = self._chunk(i, min(end, chunk_end) - offs[i])
                 piece = chunk[k:k + end - offset]
                 if not piece:
                     raise OSError(errno.EIO, "no data at decompressed offset %d" % offset)
