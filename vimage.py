@@ -756,48 +756,61 @@ def _lz4_decoder(head):
     return lz4.frame.LZ4FrameDecompressor(), 0
 
 
-class Lz4LegacySource(Source):
-    """lz4 legacy format (lz4 -l): magic, then blocks of u32 size + data, each
-    at most 8 MiB when decoded; a repeated magic starts a concatenated stream."""
+class BlockStreamSource(Source):
+    """A stream decoded block by block by our own code (lz4 legacy, lzop):
+    subclasses give next_block(), the decoded bytes of the next block or None."""
 
-    MAGIC = b"\x02\x21\x4c\x18"
-
-    def __init__(self, raw, block):
-        self.raw, self.block = raw, block
+    def __init__(self, raw, name):
+        self.raw, self.description = raw, name
         self.input_size = raw.input_size
-        self.description = "lz4-legacy"
         self.outbuf = b""
         self.ended = False
 
     def read(self, n):
         parts, have = [self.outbuf], len(self.outbuf)
         while have < n and not self.ended:
-            word = self.raw.read(4)
-            if not word:
+            block = self.next_block()
+            if block is None:
                 self.ended = True
                 break
-            if len(word) < 4:
-                raise ContainerError("lz4 legacy stream is truncated")
-            if word == self.MAGIC:
-                continue
-            (csize,) = struct.unpack("<I", word)
-            if csize > 8 * MiB + 65536:
-                raise ContainerError("lz4 legacy block size %d is corrupt" % csize)
-            data = self.raw.read(csize)
-            if len(data) < csize:
-                raise ContainerError("lz4 legacy stream is truncated")
-            try:
-                out = self.block.decompress(data, uncompressed_size=8 * MiB)
-            except Exception as e:
-                raise ContainerError("lz4 legacy block is corrupt: %s" % e)
-            parts.append(out)
-            have += len(out)
+            parts.append(block)
+            have += len(block)
         out = b"".join(parts)
         self.outbuf = out[n:]
         return out[:n]
 
     def consumed(self):
         return self.raw.consumed()
+
+
+class Lz4LegacySource(BlockStreamSource):
+    """lz4 legacy format (lz4 -l): magic, then blocks of u32 size + data, each
+    at most 8 MiB when decoded; a repeated magic starts a concatenated stream."""
+
+    MAGIC = b"\x02\x21\x4c\x18"
+
+    def __init__(self, raw, block):
+        BlockStreamSource.__init__(self, raw, "lz4-legacy")
+        self.block = block
+
+    def next_block(self):
+        word = self.MAGIC
+        while word == self.MAGIC:
+            word = self.raw.read(4)
+        if not word:
+            return None
+        if len(word) < 4:
+            raise ContainerError("lz4 legacy stream is truncated")
+        (csize,) = struct.unpack("<I", word)
+        if csize > 8 * MiB + 65536:
+            raise ContainerError("lz4 legacy block size %d is corrupt" % csize)
+        data = self.raw.read(csize)
+        if len(data) < csize:
+            raise ContainerError("lz4 legacy stream is truncated")
+        try:
+            return self.block.decompress(data, uncompressed_size=8 * MiB)
+        except Exception as e:
+            raise ContainerError("lz4 legacy block is corrupt: %s" % e)
 
 
 def _lz4_legacy_open(raw):
@@ -811,7 +824,7 @@ def _lzo_open(raw):
     return LzopSource(raw, lzo)
 
 
-class LzopSource(Source):
+class LzopSource(BlockStreamSource):
     """lzop files: a header, then blocks of (usize, csize, checksums, data)."""
 
     MAGIC = b"\x89LZO\x00\r\n\x1a\n"
@@ -819,12 +832,9 @@ class LzopSource(Source):
     ADLER_D, ADLER_C, EXTRA, CRC_D, CRC_C, FILTER = 0x1, 0x2, 0x40, 0x100, 0x200, 0x800
 
     def __init__(self, raw, lzo):
-        self.raw, self.lzo = raw, lzo
-        self.input_size = raw.input_size
-        self.description = "lzop"
-        self.outbuf = b""
+        BlockStreamSource.__init__(self, raw, "lzop")
+        self.lzo = lzo
         self.flags = None
-        self.ended = False
 
     def _take(self, n):
         data = self.raw.read(n)
@@ -851,41 +861,31 @@ class LzopSource(Source):
             self._take(n + 4)
         self.flags = flags
 
-    def read(self, n):
+    def next_block(self):
         if self.flags is None:
             self._header()
-        parts, have = [self.outbuf], len(self.outbuf)
-        while have < n and not self.ended:
-            (usize,) = struct.unpack(">I", self._take(4))
-            if usize == 0:
-                self.ended = True
-                break
-            (csize,) = struct.unpack(">I", self._take(4))
-            if usize > 64 * MiB or csize > usize:
-                raise ContainerError("lzop block header is corrupt")
-            f = self.flags
-            dsum = self._take(4) if f & (self.ADLER_D | self.CRC_D) else None
-            if csize < usize and f & (self.ADLER_C | self.CRC_C):
-                self._take(4)
-            data = self._take(csize)
-            if csize < usize:
-                try:
-                    data = self.lzo.decompress(data, False, usize)
-                except Exception as e:
-                    raise ContainerError("lzop block is corrupt: %s" % e)
-            if dsum is not None:
-                want = zlib.crc32(data) if f & self.CRC_D else zlib.adler32(data)
-                if struct.unpack(">I", dsum)[0] != want:
-                    raise ContainerError("lzop block checksum mismatch near input offset %d"
-                                         % self.raw.consumed())
-            parts.append(data)
-            have += len(data)
-        out = b"".join(parts)
-        self.outbuf = out[n:]
-        return out[:n]
-
-    def consumed(self):
-        return self.raw.consumed()
+        (usize,) = struct.unpack(">I", self._take(4))
+        if usize == 0:
+            return None
+        (csize,) = struct.unpack(">I", self._take(4))
+        if usize > 64 * MiB or csize > usize:
+            raise ContainerError("lzop block header is corrupt")
+        f = self.flags
+        dsum = self._take(4) if f & (self.ADLER_D | self.CRC_D) else None
+        if csize < usize and f & (self.ADLER_C | self.CRC_C):
+            self._take(4)
+        data = self._take(csize)
+        if csize < usize:
+            try:
+                data = self.lzo.decompress(data, False, usize)
+            except Exception as e:
+                raise ContainerError("lzop block is corrupt: %s" % e)
+        if dsum is not None:
+            want = zlib.crc32(data) if f & self.CRC_D else zlib.adler32(data)
+            if struct.unpack(">I", dsum)[0] != want:
+                raise ContainerError("lzop block checksum mismatch near input offset %d"
+                                     % self.raw.consumed())
+        return data
 
 
 CODECS = [
