@@ -2366,6 +2366,23 @@ class SeekAccess:
         """'points' when the stream has restart points, else 'cache'."""
         return "points"
 
+    def run(self, index):
+        """The pass for codecs whose points are known before decoding (from
+        listed(): point, input offset after it, decoded length or None)."""
+        out_pos = 0
+        for point, in_end, length in self.listed():
+            out = self.decode(point, length)
+            if self.exact and len(out) != length:
+                raise ContainerError("%s block at input offset %d decodes to the wrong size"
+                                     % (self.name, in_end))
+            index.add(out_pos, point)
+            out_pos += len(out)
+            self.out_pos, self.in_pos = out_pos, in_end
+            yield out
+        self.size = out_pos
+
+    exact = False                 # listed() lengths are exact (xz's index says so)
+
     @staticmethod
     def savable(point):
         return True
@@ -2696,17 +2713,11 @@ class XzAccess(SeekAccess):
         self._parse()
         return "points" if len(self.blocks) > 1 else "cache"
 
-    def run(self, index):
-        out_pos = 0
+    exact = True
+
+    def listed(self):
         for block in self.blocks:
-            out = self.decode(("xz",) + block, block[4])
-            if len(out) != block[4]:
-                raise ContainerError("xz block at input offset %d has the wrong size" % block[1])
-            index.add(out_pos, ("xz",) + block)
-            out_pos += len(out)
-            self.out_pos, self.in_pos = out_pos, block[1] + block[2]
-            yield out
-        self.size = out_pos
+            yield ("xz",) + block, block[1] + block[2], block[4]
 
     def decode(self, point, length):
         _kind, flags, offset, padded, unpadded, usize = point
@@ -2790,15 +2801,9 @@ class ZstdAccess(SeekAccess):
         self.frames = self._frames()
         return "points" if len(self.frames) > 1 else "cache"
 
-    def run(self, index):
-        out_pos = 0
+    def listed(self):
         for offset, length in self.frames:
-            out = _zstd_decompress(self.files.pread(length, offset))
-            index.add(out_pos, ("zstd", offset, length))
-            out_pos += len(out)
-            self.out_pos, self.in_pos = out_pos, offset + length
-            yield out
-        self.size = out_pos
+            yield ("zstd", offset, length), offset + length, None
 
     def decode(self, point, length):
         return _zstd_decompress(self.files.pread(point[2], point[1]))
@@ -2840,15 +2845,9 @@ class Lz4Access(SeekAccess):
     def plan(self):
         return "points" if self._blocks() and len(self.blocks) > 1 else "cache"
 
-    def run(self, index):
-        out_pos = 0
+    def listed(self):
         for block in self.blocks:
-            out = self.decode(("lz4",) + block, block[3])
-            index.add(out_pos, ("lz4",) + block)
-            out_pos += len(out)
-            self.out_pos, self.in_pos = out_pos, block[0] + block[1]
-            yield out
-        self.size = out_pos
+            yield ("lz4",) + block, block[0] + block[1], block[3]
 
     def decode(self, point, length):
         _kind, offset, size, stored, bmax = point
