@@ -1523,6 +1523,12 @@ class Image:
     def scan(self, sink, report, progress):
         raise NotImplementedError
 
+    def paths(self):
+        """The files this image is read from: every split piece and volume."""
+        if self.name == "-":
+            return []
+        return split_pieces(self.name) + volume_paths(self.name)[1:]
+
     def _progress(self, progress):
         if progress is not None:
             progress.update_to(self.stream.consumed())
@@ -2877,6 +2883,55 @@ def cache_dir(path=None):
     return os.path.join(base, "vimage")
 
 
+def private_dir(path):
+    """Create `path` (mode 0700) or check an existing one: indexes and cache
+    files hold decoded image data, so nobody else may write (or plant) them."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+    except OSError as e:
+        raise VimageError("cannot use the cache directory %s: %s" % (path, e.strerror))
+    if st.st_mode & 0o022:
+        raise VimageError("the cache directory %s is writable by %s; refusing to keep image "
+                          "data there (chmod go-w it, or choose another with --cache-dir)"
+                          % (path, "others" if st.st_mode & 0o002 else "its group"))
+    return path
+
+
+def untrusted_reason(fd_or_path):
+    """Why a saved index or cache file must not be used (None when it may):
+    it has to belong to the user running vimage and be writable by no one else."""
+    try:
+        st = os.fstat(fd_or_path) if isinstance(fd_or_path, int) else os.stat(fd_or_path)
+    except OSError as e:
+        return e.strerror
+    if st.st_uid != os.geteuid():
+        return "it belongs to uid %d, not to the user running vimage" % st.st_uid
+    if st.st_mode & 0o022:
+        return "it is writable by %s" % ("others" if st.st_mode & 0o002 else "its group")
+    return None
+
+
+def write_private(path, text):
+    """Write a file only its owner can read (0600), replacing it atomically."""
+    tmp = "%s.tmp%d" % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            fd = None
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def image_identity(files):
     """What says 'the same image': sizes, mtimes and a hash of sampled ranges."""
     import hashlib
@@ -2928,6 +2983,7 @@ class CompressedFile:
         key = "%s-%s" % (re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(files.paths[0]))[:80],
                          self.identity["sample_sha256"][:16])
         self.cache_root = cache_dir(cache)
+        self.notes = []              # said once in the mount summary (a rebuilt index ...)
         self.index_file = index_file or os.path.join(self.cache_root, key + ".index")
         self.cache_file = os.path.join(self.cache_root, key + ".cache")
         impl = RANDOM_ACCESS.get(codec.name)
@@ -2941,6 +2997,8 @@ class CompressedFile:
             # no usable block list (a truncated xz has no index): decode in order
             log_error("%s: %s; reading it in order into a cache file" % (files.paths[0], e))
             self.mode = "cache"
+        if index_file is None or self.mode == "cache":
+            private_dir(self.cache_root)    # refused if others could plant files there
         self.loaded = self._load()
 
     # --- the pass ---------------------------------------------------------
@@ -2965,7 +3023,7 @@ class CompressedFile:
         self._save()
 
     def announce_cache(self, need):
-        os.makedirs(self.cache_root, mode=0o700, exist_ok=True)
+        private_dir(self.cache_root)
         free = os.statvfs(self.cache_root)
         free = free.f_bavail * free.f_frsize
         if not self.quiet:
@@ -2980,8 +3038,13 @@ class CompressedFile:
                                                                         human(need), human(free)))
 
     def _cache_pass(self):
-        os.makedirs(self.cache_root, mode=0o700, exist_ok=True)
-        fd = os.open(self.cache_file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        private_dir(self.cache_root)
+        try:
+            os.unlink(self.cache_file)          # never write into someone else's file
+        except OSError:
+            pass
+        fd = os.open(self.cache_file, os.O_RDWR | os.O_CREAT | os.O_EXCL |
+                     getattr(os, "O_CLOEXEC", 0), 0o600)
         self.cache_fd = fd
         self.files.pos = 0
         stream = self.codec.open(self.files)
@@ -3023,13 +3086,13 @@ class CompressedFile:
         doc = {"magic": self.INDEX_MAGIC, "codec": self.codec.name, "identity": self.identity,
                "size": self.size, "error": self.error, "mode": self.mode, "points": points}
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(self.index_file)), exist_ok=True)
-            tmp = self.index_file + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(doc, f)
-            os.replace(tmp, self.index_file)
+            if os.path.dirname(os.path.abspath(self.index_file)) == os.path.abspath(self.cache_root):
+                private_dir(self.cache_root)
+            write_private(self.index_file, json.dumps(doc))
         except OSError as e:
-            log_error("cannot save the index to %s: %s" % (self.index_file, e.strerror))
+            self.notes.append("cannot save the index to %s: %s" % (self.index_file, e.strerror))
+        except VimageError as e:
+            self.notes.append("index not saved: %s" % e)
 
     @staticmethod
     def _enc(x):
@@ -3048,19 +3111,35 @@ class CompressedFile:
     def _load(self):
         """Reuse a saved index (or kept cache) when it is for this very image."""
         try:
-            with open(self.index_file) as f:
-                doc = json.load(f)
-        except (OSError, ValueError):
+            fd = os.open(self.index_file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
             return False
+        with os.fdopen(fd) as f:
+            why = untrusted_reason(fd)
+            if why:
+                self.notes.append("saved index %s not used (%s); rebuilt" % (self.index_file, why))
+                return False
+            try:
+                doc = json.load(f)
+            except ValueError:
+                return False
         try:
             if doc.get("magic") != self.INDEX_MAGIC or doc.get("codec") != self.codec.name or \
                     doc.get("identity") != self.identity or doc.get("mode") != self.mode:
                 return False
             if self.mode == "cache":
-                if not os.path.exists(self.cache_file) or \
-                        os.path.getsize(self.cache_file) != doc["size"]:
+                try:
+                    fd = os.open(self.cache_file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except OSError:
                     return False
-                self.cache_fd = os.open(self.cache_file, os.O_RDONLY)
+                why = untrusted_reason(fd)
+                if why or os.fstat(fd).st_size != doc["size"]:
+                    os.close(fd)
+                    if why:
+                        self.notes.append("kept cache file %s not used (%s); rebuilt"
+                                          % (self.cache_file, why))
+                    return False
+                self.cache_fd = fd
             else:
                 for item in doc["points"]:
                     self.index.add(item[0], tuple(self._dec(x) for x in item[1:]))
@@ -3701,6 +3780,8 @@ def describe_sources(sources):
             line = src.describe()
             if src.loaded:
                 line += ", index reused from %s" % src.index_file
+            for note in src.notes:
+                line += "; " + note
             if src.error:
                 line += "; DAMAGED: %s (reads past decompressed offset %d give EIO)" % (
                     src.error, src.size)
@@ -3729,21 +3810,39 @@ FS_MAGICS = [
     (54, b"FAT12   ", "vfat"),
 ]
 
-# file system -> (fsck in no-change mode, mount options that never write)
-FS_COMMANDS = {
-    "ext2": ("e2fsck -fn %s", "-t ext2 -o loop,ro"),
-    "ext3": ("e2fsck -fn %s", "-t ext3 -o loop,ro,noload"),
-    "ext4": ("e2fsck -fn %s", "-t ext4 -o loop,ro,noload"),
-    "xfs": ("xfs_repair -n -f %s", "-t xfs -o loop,ro,norecovery"),
-    "btrfs": ("btrfs check --readonly %s", "-t btrfs -o loop,ro,nologreplay"),
-    "ntfs": ("ntfsfix -n %s", "-t ntfs3 -o loop,ro"),
-    "vfat": ("fsck.vfat -n %s", "-t vfat -o loop,ro"),
-    "exfat": ("fsck.exfat -n %s", "-t exfat -o loop,ro"),
-    "hfsplus": ("fsck.hfsplus -n %s", "-t hfsplus -o loop,ro"),
-    "f2fs": ("fsck.f2fs --dry-run %s", "-t f2fs -o loop,ro,norecovery"),
-    "jfs": ("jfs_fsck -n %s", "-t jfs -o loop,ro"),
-    "reiserfs": ("reiserfsck --check %s", "-t reiserfs -o loop,ro,nolog"),
+# File system -> (check in no-change mode, read-only mount attempts in order).
+# Every attempt is `mount -t TYPE -o OPTIONS` on a read-only loop device over
+# the virtual partition, with nosuid,nodev (and noexec unless --exec) added:
+# nothing in an old backup can write to it, run setuid or open a device.  The
+# options moved across kernels (btrfs nologreplay became rescue=nologreplay),
+# and a FUSE driver stands in where the kernel lacks one (fuse.NAME goes
+# through mount.fuse).  The third field names what to install when all fail.
+FILESYSTEMS = {
+    "ext2": ("e2fsck -fn %s", [("ext2", "ro"), ("ext4", "ro")], "e2fsprogs"),
+    "ext3": ("e2fsck -fn %s", [("ext3", "ro,noload"), ("ext4", "ro,noload")], "e2fsprogs"),
+    "ext4": ("e2fsck -fn %s", [("ext4", "ro,noload")], "e2fsprogs"),
+    "xfs": ("xfs_repair -n -f %s", [("xfs", "ro,norecovery")], "xfsprogs"),
+    "btrfs": ("btrfs check --readonly %s", [("btrfs", "ro,rescue=nologreplay"),
+                                             ("btrfs", "ro,nologreplay"), ("btrfs", "ro")],
+              "btrfs-progs"),
+    "ntfs": ("ntfsfix -n %s", [("ntfs3", "ro"), ("ntfs-3g", "ro"), ("lowntfs-3g", "ro")],
+             "ntfs-3g"),
+    "vfat": ("fsck.vfat -n %s", [("vfat", "ro"), ("fuse.fusefat", "ro")], "fusefat"),
+    "exfat": ("fsck.exfat -n %s", [("exfat", "ro"), ("exfat-fuse", "ro")], "exfat-fuse"),
+    "hfsplus": ("fsck.hfsplus -n %s", [("hfsplus", "ro"), ("fuse.hfsfuse", "ro")], "hfsfuse"),
+    "f2fs": ("fsck.f2fs --dry-run %s", [("f2fs", "ro,norecovery")], "a kernel with f2fs"),
+    "jfs": ("jfs_fsck -n %s", [("jfs", "ro")], "a kernel with jfs"),
+    "reiserfs": ("reiserfsck --check %s", [("reiserfs", "ro,nolog")], "a kernel with reiserfs"),
+    "iso9660": (None, [("iso9660", "ro"), ("fuse.fuseiso", "ro")], "fuseiso"),
+    "udf": (None, [("udf", "ro")], "a kernel with udf"),
+    "squashfs": (None, [("squashfs", "ro"), ("fuse.squashfuse", "ro")], "squashfuse"),
+    "erofs": (None, [("erofs", "ro")], "a kernel with erofs"),
 }
+
+
+def safe_options(options, allow_exec=False):
+    """Mount options plus those that keep a backup harmless."""
+    return options + ",nosuid,nodev" + ("" if allow_exec else ",noexec")
 
 
 def detect_filesystem(part):
@@ -3787,11 +3886,30 @@ def load_fuse():
                             "libfuse2) or mfusepy with libfuse3 (pip install mfusepy)")
 
 
-def make_operations(fuse, part, name, image_path, files_mount=None):
-    """The fusepy Operations class serving `name` as the read-only partition."""
-    st = os.stat(image_path)
-    now = st.st_mtime
-    uid, gid = os.getuid(), os.getgid()
+def access_of(paths):
+    """(uid, gid, mode, mtime) for a virtual file made of these image files: never
+    more access than the files give.  The mode is the most restrictive of
+    theirs without write bits; files of different owners (or groups) leave
+    the virtual file to root."""
+    stats = [os.stat(p) for p in paths]
+    mode = 0o555
+    for st in stats:
+        mode &= st.st_mode
+    uids, gids = {st.st_uid for st in stats}, {st.st_gid for st in stats}
+    uid = uids.pop() if len(uids) == 1 else 0
+    gid = gids.pop() if len(gids) == 1 else 0
+    return uid, gid, mode & 0o555, max(st.st_mtime for st in stats)
+
+
+def dir_mode(mode):
+    """A directory holding files of `mode`: searchable where they are readable."""
+    return mode | (mode & 0o444) >> 2
+
+
+def make_operations(fuse, part, name, image_paths, files_mount=None):
+    """The fusepy Operations class serving `name` as the read-only partition.
+    The kernel enforces the image files' owner and mode (default_permissions)."""
+    uid, gid, mode, now = access_of(image_paths)
 
     class PartitionFS(fuse.Operations):
         use_ns = True
@@ -3810,10 +3928,10 @@ def make_operations(fuse, part, name, image_path, files_mount=None):
         def getattr(self, path, fh=None):
             t = int(now * 1e9)
             if path == "/":
-                return {"st_mode": stat.S_IFDIR | 0o555, "st_nlink": 2, "st_uid": uid,
+                return {"st_mode": stat.S_IFDIR | dir_mode(mode), "st_nlink": 2, "st_uid": uid,
                         "st_gid": gid, "st_size": 0, "st_atime": t, "st_mtime": t, "st_ctime": t}
             if path == "/" + name:
-                return {"st_mode": stat.S_IFREG | 0o444, "st_nlink": 1, "st_uid": uid,
+                return {"st_mode": stat.S_IFREG | mode, "st_nlink": 1, "st_uid": uid,
                         "st_gid": gid, "st_size": part.size, "st_blocks": 0,
                         "st_atime": t, "st_mtime": t, "st_ctime": t}
             raise fuse.FuseOSError(errno.ENOENT)
@@ -4127,7 +4245,7 @@ def cmd_extract(args):
     created = False
     try:
         say(args, "%s: %s" % (args.image, describe(image)))
-        inputs = [] if args.image == "-" else split_pieces(args.image) + volume_paths(args.image)
+        inputs = image.paths()
         fd, sink, created = open_output(args.output, args.force, image.size, inputs)
         warnings = []
 
@@ -4175,34 +4293,41 @@ def _fuse_unmount(path):
     return subprocess_quiet(["umount", path]) == 0
 
 
-def _files_mount(fstype, virtual, mountpoint):
-    """Loop-mount the file system of the virtual partition, read-only, never writing."""
-    if fstype not in FS_COMMANDS:
-        raise VimageError("cannot tell which file system the partition holds; mount %s yourself"
-                          % virtual)
-    opts = FS_COMMANDS[fstype][1].split()
-    attempts = [["mount"] + opts + [virtual, mountpoint]]
-    # where the kernel lacks the driver, a FUSE driver of the same file system
-    fallback = {"ntfs": ["ntfs-3g", "-o", "ro"], "vfat": ["fusefat", "-o", "ro"],
-                "exfat": ["mount.exfat-fuse", "-o", "ro"]}.get(fstype)
-    if fallback:
-        attempts.append(fallback + [virtual, mountpoint])
-    if fstype == "ext2":
-        attempts.append(["mount", "-t", "ext4", "-o", "loop,ro,noload", virtual, mountpoint])
+def _files_mount(fstype, virtual, mountpoint, allow_exec=False):
+    """Mount the file system inside the virtual partition at mountpoint, read-only
+    and harmless: the attempts of FILESYSTEMS in order on a read-only loop
+    device.  Returns the command that worked."""
+    if fstype not in FILESYSTEMS:
+        raise VimageError("cannot tell which file system the partition holds (%s); mount %s "
+                          "yourself" % (fstype or "no known superblock", virtual))
     import subprocess
-    err = ""
-    for cmd in attempts:
-        try:
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE)
-        except OSError as e:
-            err = str(e)
-            continue
-        if proc.returncode == 0:
-            return " ".join(cmd)
-        lines = [l.strip() for l in proc.stderr.decode(errors="replace").splitlines() if l.strip()]
-        err = "; ".join(lines[:2]) or "%s exited with %d" % (cmd[0], proc.returncode)
-    raise VimageError("mounting the %s file system failed: %s" % (fstype, err))
+    proc = subprocess.run(["losetup", "-r", "-f", "--show", virtual], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    loop = proc.stdout.decode().strip()
+    if proc.returncode != 0 or not loop:
+        raise VimageError("cannot make a read-only loop device of %s: %s"
+                          % (virtual, proc.stderr.decode(errors="replace").strip()))
+    errors = []
+    try:
+        for kind, options in FILESYSTEMS[fstype][1]:
+            cmd = ["mount", "-t", kind, "-o", safe_options(options, allow_exec), loop, mountpoint]
+            try:
+                proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE)
+            except OSError as e:
+                errors.append("%s: %s" % (kind, e))
+                continue
+            if proc.returncode == 0:
+                return " ".join(cmd)
+            lines = [l.strip() for l in proc.stderr.decode(errors="replace").splitlines()
+                     if l.strip()]
+            errors.append("-t %s -o %s: %s" % (kind, options, lines[-1] if lines else
+                                                 "exit status %d" % proc.returncode))
+    finally:
+        # detached now, the device goes away by itself once the mount lets go
+        subprocess_quiet(["losetup", "-d", loop])
+    raise VimageError("no read-only mount of the %s file system worked here (%s); install %s"
+                      % (fstype, "; ".join(errors), FILESYSTEMS[fstype][2]))
 
 
 def mount_summary(args, image, part, name, path, fstype, took, files_cmd):
@@ -4215,10 +4340,13 @@ def mount_summary(args, image, part, name, path, fstype, took, files_cmd):
         lines.append("ready in %.1f s (index pass included)" % took)
     if files_cmd:
         lines.append("files: %s (mounted with: %s)" % (args.mountpoint, files_cmd))
-    elif fstype in FS_COMMANDS:
-        fsck, opts = FS_COMMANDS[fstype]
-        lines.append("check it:  " + fsck % path)
-        lines.append("mount it:  mount %s %s /mnt/somewhere" % (opts, path))
+    elif fstype in FILESYSTEMS:
+        fsck, attempts, _package = FILESYSTEMS[fstype]
+        if fsck:
+            lines.append("check it:  " + fsck % path)
+        kind, options = attempts[0]
+        lines.append("mount it:  mount -t %s -o loop,%s %s /mnt/somewhere"
+                     % (kind, safe_options(options), path))
     lines.append("unmount:   python3 %s umount %s" % (sys.argv[0] if sys.argv[0].endswith(".py")
                                                        else "vimage.py", args.mountpoint))
     return "\n".join(lines)
@@ -4250,7 +4378,7 @@ def cmd_mount(args):
         import tempfile
         fuse_dir = tempfile.mkdtemp(prefix="mnt-", dir=RUN_DIR)
     virtual = os.path.join(fuse_dir, name)
-    ops = make_operations(fuse, part, name, args.image, mp if args.files else None)
+    ops = make_operations(fuse, part, name, image.paths(), mp if args.files else None)
     # One FUSE thread is faster here: Python serializes the work anyway, and
     # several threads only fight over the GIL (measured: 930 vs 572 MB/s).
     options = dict(foreground=True, ro=True, fsname="vimage", subtype="vimage",
@@ -4266,7 +4394,7 @@ def cmd_mount(args):
         files_cmd = None
         if args.files:
             try:
-                files_cmd = _files_mount(fstype, virtual, mp)
+                files_cmd = _files_mount(fstype, virtual, mp, args.exec)
             except VimageError:
                 _fuse_unmount(fuse_dir)
                 raise
@@ -4485,6 +4613,8 @@ def build_parser():
                    help="bits of bitmap per index entry (default %d)" % DEFAULT_INDEX_BITS)
     p.add_argument("--files", action="store_true",
                    help="also loop-mount the file system read-only at MOUNTPOINT (root)")
+    p.add_argument("--exec", action="store_true",
+                   help="with --files: allow running programs from the backup (never setuid)")
     p.add_argument("--verify-reads", action="store_true",
                    help="check the checksum group of every block served; EIO on a mismatch")
     p.add_argument("--index", metavar="FILE",

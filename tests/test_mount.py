@@ -106,7 +106,7 @@ def test_fsck_passes_on_virtual_file(fmt, fs, mnt):
     mount(image_path(name), mnt)
     vfile = str(mnt / vimage.virtual_name(name))
     fstype = vimage.detect_filesystem(vimage.open_partition(image_path(name))[1])
-    cmd = vimage.FS_COMMANDS[fstype][0] % vfile
+    cmd = vimage.FILESYSTEMS[fstype][0] % vfile
     if not have(cmd.split()[0]):
         pytest.skip("%s missing" % cmd.split()[0])
     proc = subprocess.run(cmd.split(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
