@@ -45,6 +45,7 @@ import time
 import weakref
 import zlib
 from array import array
+from collections import OrderedDict
 from functools import lru_cache
 from itertools import repeat
 from operator import mul
@@ -87,6 +88,30 @@ MiB = 1 << 20
 CHUNK = 8 * MiB          # size of the large reads on every data path
 M32 = 0xFFFFFFFF
 _ZEROS = bytes(MiB)
+
+
+DEFAULT_INDEX_BITS = 4096   # bits of bitmap per rank index entry
+
+
+def zero_fill(view):
+    """Set a writable memoryview to zeros."""
+    for i in range(0, len(view), len(_ZEROS)):
+        k = min(len(_ZEROS), len(view) - i)
+        view[i:i + k] = _ZEROS_VIEW[:k]
+
+
+_ZEROS_VIEW = memoryview(_ZEROS)
+
+
+class ReadIntoMixin:
+    """read() for partitions that implement readinto()."""
+
+    def read(self, offset, size):
+        n = max(0, min(size, self.size - offset))
+        buf = bytearray(n)
+        if n:
+            self.readinto(offset, memoryview(buf))
+        return bytes(buf)
 
 
 def human(n):
@@ -1523,6 +1548,19 @@ class Image:
     def scan(self, sink, report, progress):
         raise NotImplementedError
 
+    def scan_all(self, sink, report, progress=None):
+        """scan(), then the container's own verdict: a stream that broke off
+        raises its error once the good data has been handed over."""
+        self.scan(sink, report, progress)
+        failed = self.stream.failure()
+        if failed is not None:
+            raise failed
+
+    def coverage(self):
+        """(how much of the data a clean scan vouches for: 'full', 'partial' or
+        'none'; in words)."""
+        return "none", "no checksums: nothing verified"
+
     def paths(self):
         """The files this image is read from: every split piece and volume."""
         if self.name == "-":
@@ -1692,6 +1730,15 @@ class PartcloneImage(Image):
             raise FormatError("image is truncated: the %s needs %d bytes, the file has %d"
                               % (what, need, self.stream.size))
 
+    def coverage(self):
+        if not self.csum_size:
+            return "none", ("no data checksums (saved with -a0): the structure was read, "
+                            "the data is not verified")
+        if self.digest_kind == "crc32-v1":
+            return "partial", ("checksums verified, but format 0001 checksums cover the first "
+                               "byte of each block only")
+        return "full", "checksums verified (%s)" % self.checksum
+
     def image_length(self):
         """Expected length of the whole image file."""
         groups = -(-self.used_blocks // self.bpc) if self.csum_size else 0
@@ -1819,6 +1866,10 @@ class NtfscloneImage(Image):
         self.data_start = offset
         self.version = (major, minor)
         self.extra = {"image_version": "%d.%d" % (major, minor), "tool_version": None}
+
+    def coverage(self):
+        return "none", ("ntfsclone images carry no checksums: the record structure was read, "
+                        "the data is not verified")
 
     def scan(self, sink, report, progress=None):
         """Walk the command stream; runs of consecutive clusters are found with
@@ -2109,6 +2160,9 @@ class PartimageImage(Image):
     def runs(self):
         return bit_runs_clipped(self.bitmap, self.total_blocks)
 
+    def coverage(self):
+        return "full", "checksums verified (CRC-32 every 64 KiB, and the sum over the whole image)"
+
     def _take(self, n, what):
         data = self.stream.read(n)
         if len(data) < n:
@@ -2213,9 +2267,16 @@ class PartimageImage(Image):
 # --- raw -------------------------------------------------------------------
 
 class RawImage(Image):
-    """A plain partition image (dd): the stream is the partition."""
+    """A plain partition or disk image (dd): the stream is the partition."""
 
     format = "raw"
+
+    def coverage(self):
+        codec = self.container.get("compression")
+        if codec:
+            return "partial", ("no checksums of its own; the %s stream's own checks passed"
+                               % codec)
+        return "none", "no checksums: nothing verified"
 
     def __init__(self, stream, container, name):
         Image.__init__(self, stream, container, name)
@@ -2237,33 +2298,919 @@ class RawImage(Image):
             report(Problem("truncated", "raw image shrank while being read", image_offset=offset))
 
 
-# Magic at offset 0 of the decompressed stream -> reader.  Anything else is raw.
+# Magic at offset 0 of the decompressed stream -> reader.  Raw is a claim, not
+# a fallback: a stream with none of these magics is taken as a raw image only
+# when it holds a partition table or a file system, when its name says dd
+# (Clonezilla's dd-img, dd-ptcl-img), or when the user says --format raw.
 FORMATS = [
     (PartcloneImage.MAGIC, PartcloneImage),
     (NtfscloneImage.MAGIC, NtfscloneImage),
     (PartimageImage.MAGIC, PartimageImage),
 ]
+RAW_NAME_RE = re.compile(r"(^|[.-])dd(-ptcl)?-img([.]|$)")
 
 
-def detect_image(stream, container, path):
+def detect_image(stream, container, path, fmt=None):
     """The reader for the format at the front of a peekable stream."""
     try:
-        head = stream.peek(64)
+        head = stream.peek(PROBE_BYTES)
+        if fmt == "raw":
+            if not head:
+                raise FormatError("%s is empty: not a recognized image" % path)
+            return RawImage(stream, container, path)
         for magic, reader in FORMATS:
             if head.startswith(magic):
                 return reader(stream, container, path)
         if not head:
-            raise FormatError("%s is empty" % path)
-        return RawImage(stream, container, path)
+            raise FormatError("%s is empty: not a recognized image" % path)
+        if RAW_NAME_RE.search(os.path.basename(path)) or probe_filesystem(head) or \
+                read_partition_table(lambda n, off: head[off:off + n], None):
+            return RawImage(stream, container, path)
+        raise FormatError("%s is not a recognized image%s" % (path, _unrecognized_hint(head)))
     except BaseException:
         stream.close()
         raise
 
 
-def open_image(path):
+def _unrecognized_hint(head):
+    """What a file with no known magic might be, for the error message."""
+    for magic, reader in FORMATS:
+        near = sum(a == b for a, b in zip(head[:len(magic)], magic))
+        if near >= len(magic) // 2 or (magic.strip(b"\0") in head[:4096]):
+            return (": it looks like a %s image with a damaged header (use --format raw if it "
+                    "really is a dd image)" % reader.format)
+    return (": no partclone, partimage or ntfsclone header, no partition table and no known "
+            "file system (use --format raw if it really is a dd image of unknown content)")
+
+
+def open_image(path, fmt=None):
     """Open IMAGE and return the reader for its format."""
     stream, container = open_stream(path)
-    return detect_image(stream, container, path)
+    return detect_image(stream, container, path, fmt)
+
+
+# ===========================================================================
+# File systems, partition tables and whole disks
+# ===========================================================================
+#
+# What is inside a partition is told by superblock magic (FS_PROBES: where the
+# magic sits, the name blkid gives it, and how to read the file system's own
+# size).  A whole disk is told by its table:
+#   MBR   LBA 0: boot code, four 16-byte entries at 446 (boot flag, CHS, type,
+#         LBA start, sector count, little-endian), 55 AA at 510.  An extended
+#         partition (type 05/0F/85) starts a chain of EBRs: each holds the
+#         logical partition (start relative to that EBR) and a link to the next
+#         EBR (start relative to the extended partition).  Logical partitions
+#         are numbered from 5 in chain order, as the kernel does.
+#   GPT   a protective MBR (type EE), the header at LBA 1 ("EFI PART", CRC-32 of
+#         its header_size bytes with the CRC field zeroed), the entry array it
+#         points to (128-byte entries: type GUID, unique GUID, first and last
+#         LBA inclusive, attributes, UTF-16LE name; CRC-32 in the header), and
+#         the same again backwards at the disk's end (the backup header at the
+#         last LBA, its entries before it).  LBA means 512 or 4096 bytes: the
+#         header is looked for at byte 512 and at byte 4096.  An MBR that lists
+#         other partitions beside the EE entry is a hybrid MBR.
+# A table is checked before it is trusted: entries past the disk's end or
+# overlapping others are reported and left out of what is served.
+
+PROBE_BYTES = 0x11000            # enough for every magic below (btrfs at 0x10040)
+
+
+def _u16(b, o, e="<"):
+    return struct.unpack_from(e + "H", b, o)[0]
+
+
+def _u32(b, o, e="<"):
+    return struct.unpack_from(e + "I", b, o)[0]
+
+
+def _u64(b, o, e="<"):
+    return struct.unpack_from(e + "Q", b, o)[0]
+
+
+def _fs_ext(b):
+    incompat, ro_compat = _u32(b, 1024 + 96), _u32(b, 1024 + 100)
+    compat = _u32(b, 1024 + 92)
+    blocks = _u32(b, 1024 + 4) | ((_u32(b, 1024 + 0x150) << 32) if incompat & 0x80 else 0)
+    bs = 1024 << min(_u32(b, 1024 + 24), 16)
+    if incompat & 0x2C0 or incompat & ~0x1E or ro_compat & ~0x3:   # extents, 64bit, flex_bg ...
+        name = "ext4"
+    else:
+        name = "ext3" if compat & 0x4 else "ext2"
+    return name, blocks * bs, None
+
+
+def _fs_fat(b):
+    if b[510:512] != b"\x55\xaa":
+        return None
+    bps, spc, reserved, nfats = _u16(b, 11), b[13], _u16(b, 14), b[16]
+    if bps not in (512, 1024, 2048, 4096) or not spc or spc & (spc - 1) or not reserved \
+            or nfats not in (1, 2):
+        return None
+    total = _u16(b, 19) or _u32(b, 32)
+    fat_size = _u16(b, 22) or _u32(b, 36)
+    root = (_u16(b, 17) * 32 + bps - 1) // bps
+    clusters = (total - reserved - nfats * fat_size - root) // spc if total else 0
+    kind = "FAT12" if clusters < 4085 else "FAT16" if clusters < 65525 else "FAT32"
+    return "vfat", total * bps, kind
+
+
+def _fs_swap(b):
+    for page in (4096, 8192, 16384, 65536):
+        if b[page - 10:page] in (b"SWAPSPACE2", b"SWAP-SPACE") and len(b) >= page:
+            last = _u32(b, 1024 + 4)
+            return "swap", (last + 1) * page, "page size %d" % page
+    return None
+
+
+def _fs_lvm(b):
+    for sector in range(4):
+        o = sector * 512
+        if b[o:o + 8] == b"LABELONE" and b[o + 24:o + 32] == b"LVM2 001":
+            return "LVM2_member", None, None
+    return None
+
+
+def _fs_udf_or_iso(b):
+    udf = any(b[o + 1:o + 6] in (b"NSR02", b"NSR03") for o in range(32768, 0x10000, 2048))
+    if udf:
+        return "udf", None, None
+    if b[0x8001:0x8006] == b"CD001":
+        return "iso9660", _u32(b, 0x8000 + 80) * _u16(b, 0x8000 + 128), None
+    return None
+
+
+# offset, magic, name or function(head) -> (name, size in bytes or None, detail) or None
+FS_PROBES = [
+    (0, b"LUKS\xba\xbe", lambda b: ("crypto_LUKS", None, "LUKS%d" % _u16(b, 6, ">"))),
+    (3, b"-FVE-FS-", lambda b: ("BitLocker", None, None)),
+    (3, b"NTFS    ", lambda b: ("ntfs", _u64(b, 0x28) * _u16(b, 11), None)),
+    (3, b"EXFAT   ", lambda b: ("exfat", _u64(b, 72) << b[108], None)),
+    (0, b"XFSB", lambda b: ("xfs", _u64(b, 8, ">") * _u32(b, 4, ">"), None)),
+    (0x10040, b"_BHRfS_M", lambda b: ("btrfs", _u64(b, 0x10070), None)),
+    (1080, b"\x53\xef", _fs_ext),
+    (1024, b"\x10\x20\xf5\xf2", lambda b: ("f2fs", None, None)),
+    (1024, b"\xe2\xe1\xf5\xe0", lambda b: ("erofs", None, None)),
+    (1024, b"H+", lambda b: ("hfsplus", _u32(b, 1068, ">") * _u32(b, 1064, ">"), None)),
+    (1024, b"HX", lambda b: ("hfsplus", _u32(b, 1068, ">") * _u32(b, 1064, ">"), None)),
+    (32, b"NXSB", lambda b: ("apfs", None, None)),
+    (0, b"hsqs", lambda b: ("squashfs", _u64(b, 40), None)),
+    (32768, b"JFS1", lambda b: ("jfs", None, None)),
+    (65588, b"ReIsEr", lambda b: ("reiserfs", None, None)),
+    (None, None, _fs_udf_or_iso),
+    (None, None, _fs_swap),
+    (None, None, _fs_lvm),
+    (54, b"FAT", _fs_fat),
+    (82, b"FAT32   ", _fs_fat),
+    (None, None, _fs_fat),
+]
+
+
+class FsInfo:
+    """What a superblock says: name (as blkid names it), size, a detail."""
+
+    def __init__(self, name, size=None, detail=None):
+        self.name, self.size, self.detail = name, size, detail
+
+    def __str__(self):
+        return self.name + (" (%s)" % self.detail if self.detail else "")
+
+
+def probe_filesystem(head):
+    """The file system whose superblock starts `head` (bytes from the start of
+    a partition, PROBE_BYTES of them when there are), or None."""
+    for offset, magic, what in FS_PROBES:
+        if offset is not None and head[offset:offset + len(magic)] != magic:
+            continue
+        try:
+            found = what(head)
+        except (struct.error, IndexError, ValueError):
+            found = None
+        if found:
+            return FsInfo(*found)
+    return None
+
+
+def detect_filesystem(part):
+    """The file system name inside a readable partition (for mount), or None."""
+    try:
+        fs = probe_filesystem(part.read(0, PROBE_BYTES))
+    except (OSError, VimageError):          # --verify-reads found a bad group there
+        return None
+    return fs.name if fs else None
+
+
+class TableEntry:
+    """One partition of a table, in bytes."""
+
+    def __init__(self, number, start, size, ptype, kind="primary", name=None, uuid=None,
+                 bootable=False, attrs=0):
+        self.number, self.start, self.size, self.type = number, start, size, ptype
+        self.kind, self.name, self.uuid, self.bootable, self.attrs = kind, name, uuid, bootable, attrs
+        self.problem = None          # why it is not served (outside the disk, overlap)
+        self.filesystem = None       # FsInfo, when probed
+
+    def info(self):
+        d = {"number": self.number, "start": self.start, "size": self.size, "type": self.type,
+             "kind": self.kind, "name": self.name, "uuid": self.uuid, "bootable": self.bootable,
+             "filesystem": self.filesystem.name if self.filesystem else None,
+             "filesystem_detail": self.filesystem.detail if self.filesystem else None,
+             "filesystem_size": self.filesystem.size if self.filesystem else None}
+        if self.problem:
+            d["problem"] = self.problem
+        return d
+
+
+class PartitionTable:
+    """An MBR or GPT partition table read from a disk (see the section comment)."""
+
+    def __init__(self, label, sector_size, disk_size):
+        self.label, self.sector_size, self.disk_size = label, sector_size, disk_size
+        self.entries, self.problems, self.notes = [], [], []
+        self.id = None
+        self.hybrid = []             # MBR entries beside the EE one (hybrid MBR)
+        self.first_lba = self.last_lba = None
+
+    def usable(self):
+        """Entries that hold data and are sound (not the extended container)."""
+        return [e for e in self.entries if e.kind != "extended" and not e.problem]
+
+    def info(self):
+        d = {"label": self.label, "sector_size": self.sector_size, "disk_size": self.disk_size,
+             "id": self.id, "partitions": [e.info() for e in self.entries]}
+        if self.label == "gpt":
+            d["first_lba"], d["last_lba"] = self.first_lba, self.last_lba
+        if self.hybrid:
+            d["hybrid_mbr"] = [{"slot": n, "type": t, "start": s, "size": z}
+                               for n, t, s, z in self.hybrid]
+        if self.problems:
+            d["problems"] = list(self.problems)
+        return d
+
+    def check_bounds(self):
+        """Report (and stop serving) entries outside the disk or overlapping."""
+        placed = []
+        for e in self.entries:
+            if e.size <= 0:
+                e.problem = "empty"
+            elif self.disk_size is not None and e.start + e.size > self.disk_size:
+                e.problem = "ends at byte %d, past the disk's end (%d)" % (e.start + e.size,
+                                                                         self.disk_size)
+            if e.problem:
+                self.problems.append("partition %d %s" % (e.number, e.problem))
+                continue
+            if e.kind == "extended":
+                continue
+            for other in placed:
+                if e.start < other.start + other.size and other.start < e.start + e.size:
+                    e.problem = "overlaps partition %d" % other.number
+                    self.problems.append("partition %d %s" % (e.number, e.problem))
+                    break
+            else:
+                placed.append(e)
+
+
+MBR_EXTENDED = (0x05, 0x0F, 0x85)
+
+
+def _mbr_entries(sector):
+    """The four MBR slots: (slot, boot flag, type, LBA start, sectors)."""
+    return [(i + 1, sector[446 + 16 * i], sector[446 + 16 * i + 4])
+            + struct.unpack_from("<II", sector, 446 + 16 * i + 8) for i in range(4)]
+
+
+def _looks_like_mbr(sector):
+    """55 AA and four sane slots, and not a FAT/NTFS boot sector (which ends
+    in 55 AA too)."""
+    if len(sector) < 512 or sector[510:512] != b"\x55\xaa":
+        return False
+    if sector[3:11] in (b"NTFS    ", b"EXFAT   ") or _fs_fat(sector):
+        return False
+    slots = _mbr_entries(sector)
+    if any(flag not in (0, 0x80) for _n, flag, _t, _s, _c in slots):
+        return False
+    return any(t and c for _n, _f, t, _s, c in slots)
+
+
+def _guid(raw):
+    """A GUID as text: the first three fields are little-endian."""
+    a, b, c = struct.unpack_from("<IHH", raw)
+    return "%08X-%04X-%04X-%s-%s" % (a, b, c, raw[8:10].hex().upper(), raw[10:16].hex().upper())
+
+
+GPT_HEADER = struct.Struct("<8sIIIIQQQQ16sQIII")
+GPT_TYPES = {       # a few well-known type GUIDs, for info
+    "C12A7328-F81F-11D2-BA4B-00A0C93EC93B": "EFI System",
+    "21686148-6449-6E6F-744E-656564454649": "BIOS boot",
+    "0FC63DAF-8483-4772-8E79-3D69D8477DE4": "Linux filesystem",
+    "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F": "Linux swap",
+    "E6D6D379-F507-44C2-A23C-238F2A3DF928": "Linux LVM",
+    "A19D880F-05FC-4D3B-A006-743F0F84911E": "Linux RAID",
+    "CA7D7CCB-63ED-4C53-861C-1742536059CC": "Linux LUKS",
+    "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709": "Linux root (x86-64)",
+    "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7": "Microsoft basic data",
+    "E3C9E316-0B5C-4DB8-817D-F92DF00215AE": "Microsoft reserved",
+    "DE94BBA4-06D1-4D40-A16A-BFD50179D6AC": "Windows recovery",
+    "48465300-0000-11AA-AA11-00306543ECAC": "Apple HFS+",
+}
+
+
+def _gpt_header(raw, sector_size, where):
+    """Parse and check one GPT header; (fields dict, problems)."""
+    (sig, _rev, hsize, hcrc, _res, my_lba, alt_lba, first, last, disk_guid, entries_lba,
+     count, esize, ecrc) = GPT_HEADER.unpack_from(raw)
+    problems = []
+    if sig != b"EFI PART":
+        return None, ["no GPT header at %s" % where]
+    if not 92 <= hsize <= sector_size:
+        return None, ["GPT header at %s has an absurd size %d" % (where, hsize)]
+    body = bytearray(raw[:hsize])
+    body[16:20] = b"\0\0\0\0"
+    if zlib.crc32(body) != hcrc:
+        problems.append("GPT header at %s: CRC mismatch" % where)
+    if not 0 < count <= 65536 or esize < 128 or esize % 8 or esize > 4096:
+        return None, problems + ["GPT header at %s: absurd entry count/size %d/%d"
+                                 % (where, count, esize)]
+    return {"my_lba": my_lba, "alt_lba": alt_lba, "first": first, "last": last,
+            "guid": _guid(disk_guid), "entries_lba": entries_lba, "count": count,
+            "esize": esize, "ecrc": ecrc}, problems
+
+
+def read_partition_table(pread, disk_size):
+    """The partition table of a disk, or None.  pread(n, offset) returns the
+    disk's bytes (short past the end); disk_size may be None (a stream)."""
+    head = pread(8192, 0)
+    if len(head) < 512:
+        return None
+    mbr = head[:512]
+    gpt_at = [ss for ss in (512, 4096) if head[ss:ss + 8] == b"EFI PART"]
+    if gpt_at and (mbr[510:512] == b"\x55\xaa" or not mbr.strip(b"\0")):
+        return _read_gpt(pread, head, gpt_at[0], disk_size)
+    if not _looks_like_mbr(mbr):
+        # a GPT whose primary header is gone: its backup at the last LBA
+        if disk_size and mbr[510:512] == b"\x55\xaa" and \
+                any(t == 0xEE for _n, _f, t, _s, _c in _mbr_entries(mbr)):
+            for ss in (512, 4096):
+                if pread(8, disk_size - ss) == b"EFI PART":
+                    return _read_gpt(pread, head, ss, disk_size)
+        return None
+    slots = _mbr_entries(mbr)
+    if any(t == 0xEE for _n, _f, t, _s, _c in slots):
+        return _read_gpt(pread, head, 512, disk_size)
+    return _read_mbr(pread, mbr, slots, disk_size)
+
+
+def _read_mbr(pread, mbr, slots, disk_size):
+    ss = _mbr_sector_size(pread, slots, disk_size)
+    table = PartitionTable("dos", ss, disk_size)
+    table.id = "0x%08x" % _u32(mbr, 440)
+    for n, flag, ptype, start, count in slots:
+        if not ptype or not count:
+            continue
+        kind = "extended" if ptype in MBR_EXTENDED else "primary"
+        table.entries.append(TableEntry(n, start * ss, count * ss, "%x" % ptype, kind,
+                                        bootable=flag == 0x80))
+    for ext in [e for e in table.entries if e.kind == "extended"][:1]:
+        _read_ebr_chain(pread, table, ext)
+    table.check_bounds()
+    return table
+
+
+def _mbr_sector_size(pread, slots, disk_size):
+    """512 unless the partitions only make sense in 4096-byte sectors (a 4Kn
+    disk): their file systems are found there and not at 512-byte offsets."""
+    def hits(ss):
+        found = 0
+        for _n, _f, ptype, start, count in slots:
+            if ptype and count and ptype not in MBR_EXTENDED:
+                if disk_size is not None and (start + count) * ss > disk_size:
+                    return -1
+                found += probe_filesystem(pread(PROBE_BYTES, start * ss)) is not None
+        return found
+    small = hits(512)
+    return 4096 if small <= 0 and hits(4096) > 0 else 512
+
+
+def _read_ebr_chain(pread, table, ext):
+    """The logical partitions of an extended partition, numbered from 5."""
+    ss, seen, number = table.sector_size, set(), 5
+    ebr = ext.start
+    while ebr is not None:
+        if ebr in seen or len(seen) >= 256:
+            table.problems.append("the EBR chain loops or is absurdly long at byte %d" % ebr)
+            return
+        seen.add(ebr)
+        if not ext.start <= ebr < ext.start + ext.size:
+            table.problems.append("an EBR link points outside the extended partition "
+                                  "(byte %d)" % ebr)
+            return
+        sector = pread(512, ebr)
+        if len(sector) < 512 or sector[510:512] != b"\x55\xaa":
+            table.problems.append("no EBR at byte %d (the chain is broken)" % ebr)
+            return
+        slots = _mbr_entries(sector)
+        nxt = None
+        for slot, flag, ptype, start, count in slots[:2]:
+            if not ptype or not count:
+                continue
+            if ptype in MBR_EXTENDED:
+                nxt = ext.start + start * ss
+            else:
+                e = TableEntry(number, ebr + start * ss, count * ss, "%x" % ptype, "logical",
+                               bootable=flag == 0x80)
+                e.ebr = ebr
+                if not (ext.start <= e.start and e.start + e.size <= ext.start + ext.size):
+                    e.problem = "lies outside its extended partition"
+                table.entries.append(e)
+                number += 1
+        ebr = nxt
+
+
+def _read_gpt(pread, head, ss, disk_size):
+    table = PartitionTable("gpt", ss, disk_size)
+    primary, problems = _gpt_header(pread(ss, ss), ss, "LBA 1")
+    table.problems += problems
+    backup = None
+    alt = primary["alt_lba"] if primary else (disk_size // ss - 1 if disk_size else None)
+    if alt is not None and disk_size is not None and (alt + 1) * ss <= disk_size:
+        raw = pread(ss, alt * ss)
+        if len(raw) == ss:
+            backup, problems = _gpt_header(raw, ss, "LBA %d (backup)" % alt)
+            table.problems += problems
+    elif primary and disk_size is not None:
+        table.problems.append("the backup GPT header's LBA %d lies past the disk's end" % alt)
+    if disk_size is None and primary:
+        table.notes.append("backup GPT not checked: the disk's size is unknown until read")
+    chosen, entries, good = None, None, False
+    for hdr, where in ((primary, "primary"), (backup, "backup")):
+        if hdr is None:
+            continue
+        raw = pread(hdr["count"] * hdr["esize"], hdr["entries_lba"] * ss)
+        if len(raw) < hdr["count"] * hdr["esize"]:
+            table.problems.append("the %s GPT entry array is cut off by the disk's end" % where)
+            continue
+        ok = zlib.crc32(raw) == hdr["ecrc"]
+        if not ok:
+            table.problems.append("the %s GPT entry array does not match its CRC" % where)
+        if chosen is None or (ok and not good):
+            if chosen is not None:
+                table.notes.append("partitions read from the backup GPT")
+            chosen, entries, good = hdr, raw, ok
+    if primary and backup:
+        for key in ("guid", "count", "esize", "ecrc", "first", "last"):
+            if primary[key] != backup[key]:
+                table.problems.append("the primary and backup GPT headers differ in %s" % key)
+                break
+    if chosen is None:
+        table.problems.append("no readable GPT header")
+        return table
+    table.id, table.first_lba, table.last_lba = chosen["guid"], chosen["first"], chosen["last"]
+    if disk_size is None and chosen is primary and primary["alt_lba"]:
+        table.disk_size = (primary["alt_lba"] + 1) * ss      # what the GPT says
+        table.notes.append("disk size taken from the GPT (the backup header's place)")
+    for i in range(chosen["count"]):
+        raw = entries[i * chosen["esize"]:(i + 1) * chosen["esize"]]
+        if not raw[:16].strip(b"\0"):
+            continue
+        first, last, attrs = struct.unpack_from("<QQQ", raw, 32)
+        name = raw[56:128].decode("utf-16-le", "replace").split("\0", 1)[0]
+        e = TableEntry(i + 1, first * ss, (last - first + 1) * ss if last >= first else 0,
+                       _guid(raw[:16]), name=name, uuid=_guid(raw[16:32]), attrs=attrs)
+        if first < chosen["first"] or last > chosen["last"]:
+            e.problem = "lies outside the GPT's usable LBAs %d-%d" % (chosen["first"], chosen["last"])
+        table.entries.append(e)
+    for n, _flag, ptype, start, count in _mbr_entries(head[:512]):
+        if ptype and ptype != 0xEE and count:
+            table.hybrid.append((n, "%x" % ptype, start * ss, count * ss))
+    table.check_bounds()
+    return table
+
+
+# ===========================================================================
+# Backups: what an input holds
+# ===========================================================================
+#
+# Whatever the user names opens to a Backup: a list of members, each a
+# partition, a disk or a volume that becomes one virtual file.  A member can
+#   scan(sink, report, progress)   hand its bytes over in order (verify, extract)
+#   reader(ctx)                    random access (mount, the Python API)
+#   info(), describe()
+# A single partition image is a backup of one partition; a raw disk image is
+# its disk plus a slice per partition of its table; a Clonezilla directory is
+# its disks and partition images; a sparsebak/Wyng archive one volume as of a
+# session.  Every command serves that list once.
+
+class OpenContext:
+    """Options and shared state while members are opened for random access:
+    readers several members share (a disk and its slices) are made once."""
+
+    def __init__(self, index_bits=DEFAULT_INDEX_BITS, verify_reads=False, quiet=False,
+                 progress=None, **copts):
+        self.index_bits, self.verify_reads, self.quiet = index_bits, verify_reads, quiet
+        self.copts = copts
+        self.progress = progress
+        self.shared = {}
+        self.closers = []
+
+    def share(self, key, make):
+        if key not in self.shared:
+            self.shared[key] = make()
+        return self.shared[key]
+
+    def close(self, remove=True):
+        while self.closers:
+            try:
+                self.closers.pop()(remove)
+            except (OSError, VimageError):
+                pass
+
+
+class Member:
+    """A partition, disk or volume of a backup (see the section comment)."""
+
+    kind = "partition"
+    number = None
+    start = None                 # byte offset in its disk, when it lies in one
+    filesystem = None
+    has_checksums = False
+
+    def __init__(self, name, size=None):
+        self.name, self.size = name, size
+
+    def paths(self):
+        return []
+
+    def info(self):
+        return {"name": self.name, "kind": self.kind, "number": self.number, "start": self.start,
+                "size": self.size, "filesystem": self.filesystem}
+
+    def describe(self):
+        return "%s %s, %s" % (self.kind, self.name, human(self.size))
+
+    def scan(self, sink, report, progress=None):
+        raise NotImplementedError
+
+    def reader(self, ctx):
+        raise NotImplementedError
+
+    def input_size(self):
+        """Bytes a scan reads from disk (for progress over several members)."""
+        return sum(os.path.getsize(p) for p in self.paths())
+
+
+class ImageMember(Member):
+    """A partition image file (partclone, ntfsclone, partimage or raw),
+    compressed or split or not."""
+
+    def __init__(self, path, name=None, image=None, fmt=None):
+        self.path, self.fmt = path, fmt
+        self._image = image
+        if image is None:
+            image = self._open()
+            try:
+                self._set(image)
+            finally:
+                image.stream.close()
+        else:
+            self._set(image)
+        Member.__init__(self, name or virtual_name(path), self.size)
+
+    def _set(self, image):
+        self.header = image.info()
+        self.size, self.filesystem = image.size, image.filesystem
+        self.format, self.checksum = image.format, image.checksum
+        self.has_checksums = image.checksum != "none"
+        self.notes = list(image.notes)
+        self.header_problems = list(image.header_problems)
+        self.one_line = describe(image)
+
+    def _open(self):
+        stream, container = open_stream(self.path)
+        return detect_image(stream, container, self.path, self.fmt)
+
+    def open_image(self):
+        """A reader at the start of the data (the one detection opened, once)."""
+        image, self._image = self._image, None
+        return image if image is not None else self._open()
+
+    def paths(self):
+        if self.path == "-":
+            return []
+        return split_pieces(self.path) + volume_paths(self.path)[1:]
+
+    def info(self):
+        d = dict(self.header)
+        d.update({"name": self.name, "kind": self.kind, "image": os.path.basename(self.path)})
+        return d
+
+    def describe(self):
+        return self.one_line
+
+    def scan(self, sink, report, progress=None):
+        image = self.open_image()
+        try:
+            image.scan_all(sink, report, progress)
+            if self.size is None:
+                self.size = image.size
+        finally:
+            image.stream.close()
+        return image
+
+    def reader(self, ctx):
+        image, part, close = open_partition(self.path, ctx.index_bits, ctx.verify_reads,
+                                            ctx.quiet, fmt=self.fmt, **ctx.copts)
+        ctx.closers.append(close)
+        self.size = part.size
+        return part
+
+
+class SliceMember(Member):
+    """A partition inside a disk member (a raw disk image's partition table)."""
+
+    def __init__(self, disk, entry, name):
+        Member.__init__(self, name, entry.size)
+        self.disk, self.entry = disk, entry
+        self.number, self.start = entry.number, entry.start
+        self.filesystem = entry.filesystem.name if entry.filesystem else None
+
+    def paths(self):
+        return self.disk.paths()
+
+    def info(self):
+        d = self.entry.info()
+        d["name"] = self.name
+        return d
+
+    def describe(self):
+        e = self.entry
+        return "partition %d: %s at byte %d, %s%s%s" % (
+            e.number, human(e.size), e.start, type_name(self.disk.table, e.type),
+            ", " + str(e.filesystem) if e.filesystem else "",
+            ', "%s"' % e.name if e.name else "")
+
+    def scan(self, sink, report, progress=None):
+        self.disk.scan(SliceSink(sink, self.start, self.size), report, progress)
+
+    def reader(self, ctx):
+        return SliceReader(self.disk.reader(ctx), self.start, self.size)
+
+    def input_size(self):
+        return self.disk.input_size()
+
+
+def type_name(table, ptype):
+    if table is not None and table.label == "gpt":
+        return GPT_TYPES.get(ptype, ptype)
+    return "type %s" % ptype
+
+
+class SliceSink:
+    """Passes on the bytes of [start, start+size) of what is written to it,
+    shifted to 0 (a partition cut out of a disk's scan)."""
+
+    def __init__(self, sink, start, size):
+        self.sink, self.start, self.end = sink, start, start + size
+        self.wants_data = sink.wants_data
+        self.sequential = getattr(sink, "sequential", False)
+
+    def write(self, offset, data):
+        a, b = max(offset, self.start), min(offset + len(data), self.end)
+        if b > a:
+            self.sink.write(a - self.start, memoryview(data)[a - offset:b - offset])
+
+    def finish(self, size):
+        self.sink.finish(size)
+
+
+class ShiftSink:
+    """Writes what it is given `base` bytes further on (a partition placed in a disk)."""
+
+    def __init__(self, sink, base, size=None):
+        self.sink, self.base, self.size = sink, base, size
+        self.wants_data = sink.wants_data
+        self.sequential = getattr(sink, "sequential", False)
+
+    def write(self, offset, data):
+        if self.size is not None and offset + len(data) > self.size:
+            data = memoryview(data)[:max(0, self.size - offset)]
+        if len(data):
+            self.sink.write(self.base + offset, data)
+
+
+class SliceReader(ReadIntoMixin):
+    """Random access to [start, start+size) of another reader."""
+
+    def __init__(self, parent, start, size):
+        self.parent, self.start, self.size = parent, start, size
+        self.how = getattr(parent, "how", "")
+
+    def readinto(self, offset, out):
+        self.parent.readinto(self.start + offset, out)
+
+
+class Backup:
+    """What an input holds: members (disks first), and its own checks."""
+
+    format = None
+
+    def __init__(self, path, members):
+        self.path, self.members = path, members
+
+    def disks(self):
+        return [m for m in self.members if m.kind == "disk"]
+
+    def partitions(self):
+        return [m for m in self.members if m.kind != "disk"]
+
+    def default_member(self):
+        """What extract writes when no --partition is named."""
+        disks = self.disks()
+        if len(disks) == 1:
+            return disks[0]
+        if len(self.members) == 1:
+            return self.members[0]
+        raise VimageError("%s holds %s; name one with --partition (%s)"
+                          % (self.path, "several disks" if disks else "several partitions",
+                             ", ".join(m.name for m in self.members)))
+
+    def member(self, which):
+        """A member by name or partition number."""
+        for m in self.members:
+            if which in (m.name, str(m.number)) or (m.number is not None and
+                                                     which == "part%d" % m.number):
+                return m
+        raise VimageError("%s has no partition %s (it has: %s)"
+                          % (self.path, which, ", ".join(
+                              m.name if m.number is None else "%s (%d)" % (m.name, m.number)
+                              for m in self.members)))
+
+    def info(self):
+        raise NotImplementedError
+
+    def verify_members(self):
+        """The members whose scans cover everything (a disk's slices need no scan)."""
+        return self.members
+
+    def checks(self, report, say):
+        """Checks of the backup as a whole, after the scans (sums files, tables)."""
+
+    def paths(self):
+        seen = []
+        for m in self.members:
+            for p in m.paths():
+                if p not in seen:
+                    seen.append(p)
+        return seen
+
+    def close(self):
+        for m in self.members:
+            image = getattr(m, "_image", None)
+            if image is not None:
+                image.stream.close()
+                m._image = None
+
+
+class ImageBackup(Backup):
+    """One partition image."""
+
+    def __init__(self, member):
+        Backup.__init__(self, member.path, [member])
+        self.format = member.format
+
+    def info(self):
+        return self.members[0].header
+
+
+class RawDiskBackup(Backup):
+    """A raw (dd) image of a whole disk: the disk, and a slice per partition."""
+
+    format = "raw"
+
+    def __init__(self, disk, table):
+        self.disk, self.table = disk, table
+        disk.kind = "disk"
+        members = [disk]
+        base = disk.name
+        for e in table.usable():
+            members.append(SliceMember(disk, e, "%s-part%d" % (base, e.number)))
+        Backup.__init__(self, disk.path, members)
+
+    def info(self):
+        d = dict(self.disk.header)
+        d.update({"table": self.table.label, "sector_size": self.table.sector_size,
+                  "disk_size": self.table.disk_size if self.disk.size is None else self.disk.size,
+                  "disk_id": self.table.id,
+                  "partitions": [e.info() for e in self.table.entries]})
+        for key in ("hybrid_mbr", "problems", "first_lba", "last_lba"):
+            value = self.table.info().get(key)
+            if value is not None:
+                d[key] = value
+        if self.table.notes:
+            d["table_notes"] = list(self.table.notes)
+        return d
+
+    def verify_members(self):
+        return [self.disk]
+
+
+def disk_pread(member):
+    """pread(n, offset) over a raw image's bytes for reading its table: the
+    files themselves when plain; a decoder run forward when compressed (EBRs
+    and superblocks lie at increasing offsets); only the already peeked head
+    for stdin."""
+    if member.path == "-":
+        head = member._image.stream.peek(PROBE_BYTES)
+        return lambda n, off: head[off:off + n], (lambda: None)
+    files = FileSource(split_pieces(member.path))
+    if not member.header.get("compression"):
+        return files.pread, files.close
+    files.close()
+    return ForwardReader(member.path).pread, lambda: None
+
+
+class ForwardReader:
+    """pread over a compressed stream by decoding forward (restarting for an
+    offset behind it), within a budget: table reading and file system probes
+    of a compressed disk must not decode it all."""
+
+    BUDGET = 1 << 30
+
+    def __init__(self, path):
+        self.path = path
+        self.stream = None
+        self.pos = 0
+        self.decoded = 0
+        self.head = b""
+
+    def pread(self, n, offset):
+        if offset + n <= len(self.head):
+            return self.head[offset:offset + n]
+        if self.stream is None or offset < self.pos:
+            if self.stream is not None:
+                self.stream.close()
+            self.stream, _c = open_stream(self.path)
+            self.pos = 0
+            if not self.head:
+                self.head = self.stream.read(MiB)
+                self.pos = len(self.head)
+                if offset + n <= len(self.head):
+                    return self.head[offset:offset + n]
+            else:
+                self.stream.read(len(self.head))
+                self.pos = len(self.head)
+        while self.pos < offset:
+            if self.decoded > self.BUDGET:
+                return b""
+            skip = self.stream.read(min(CHUNK, offset - self.pos))
+            if not skip:
+                return b""
+            self.pos += len(skip)
+            self.decoded += len(skip)
+        data = self.stream.read(n)
+        self.pos += len(data)
+        return data
+
+
+def open_backup(path, fmt=None, **options):
+    """What the input holds: a Backup (see the section comment)."""
+    if path != "-" and os.path.isdir(path):
+        for detect in BACKUP_SETS:
+            backup = detect(path, **options)
+            if backup is not None:
+                return backup
+        raise FormatError("%s is a directory that holds no backup vimage knows (a Clonezilla "
+                          "image directory or a sparsebak/Wyng archive)" % path)
+    stream, container = open_stream(path)
+    image = detect_image(stream, container, path, fmt)
+    member = ImageMember(path, image=image, fmt=fmt)
+    if isinstance(image, RawImage):
+        return raw_backup(member)
+    return ImageBackup(member)
+
+
+def raw_backup(member):
+    """A raw image: a disk with a partition table, or a bare file system."""
+    pread, close = disk_pread(member)
+    try:
+        table = read_partition_table(pread, member.size)
+        if table is None:
+            fs = probe_filesystem(pread(PROBE_BYTES, 0))
+            if fs is not None:
+                member.filesystem = fs.name
+                member.header.update({"filesystem": fs.name, "filesystem_detail": fs.detail,
+                                      "filesystem_size": fs.size})
+                if member.size is None and fs.size:
+                    member.header["size_from_filesystem"] = fs.size
+            return ImageBackup(member)
+        for e in table.entries:
+            if e.kind != "extended" and not e.problem:
+                e.filesystem = probe_filesystem(pread(PROBE_BYTES, e.start))
+        return RawDiskBackup(member, table)
+    finally:
+        close()
+
+
+BACKUP_SETS = []        # directory detectors, filled in by the backup-set sections below
 
 
 # ===========================================================================
@@ -3337,9 +4284,6 @@ class RandomStream(Source):
 # from which the interleaved checksum fields are cut out.  Unused blocks are
 # zeros.  Nothing here keeps a file position, so reads are thread-safe.
 
-DEFAULT_INDEX_BITS = 4096
-
-
 class RankIndex:
     """Used blocks before any block: cumulative popcounts every `step` bits
     in an array('Q'), the rest popcounted on demand."""
@@ -3416,27 +4360,6 @@ def field_iovecs(first, dst, group, field):
         if p < n:
             iov.append(scratch)
     return iov
-
-
-def zero_fill(view):
-    """Set a writable memoryview to zeros."""
-    for i in range(0, len(view), len(_ZEROS)):
-        k = min(len(_ZEROS), len(view) - i)
-        view[i:i + k] = _ZEROS_VIEW[:k]
-
-
-_ZEROS_VIEW = memoryview(_ZEROS)
-
-
-class ReadIntoMixin:
-    """read() for partitions that implement readinto()."""
-
-    def read(self, offset, size):
-        n = max(0, min(size, self.size - offset))
-        buf = bytearray(n)
-        if n:
-            self.readinto(offset, memoryview(buf))
-        return bytes(buf)
 
 
 class BlockPartition(ReadIntoMixin):
@@ -3570,7 +4493,11 @@ class NtfsPartition(ReadIntoMixin):
         self.rec = self.cs + 1
         self.index = RunIndex(self.rec)
         problems = []
-        run_scan(image, IndexSink(self.index), problems.append, quiet, "index")
+        progress = Progress(image.stream.input_size, "index", quiet)
+        try:
+            image.scan_all(IndexSink(self.index), problems.append, progress)
+        finally:
+            progress.close()
         bad = [p for p in problems if p.kind != "structure" or "in use" not in p.message]
         if bad:
             raise FormatError("cannot index %s: %s" % (image.name, bad[0]))
@@ -3714,14 +4641,14 @@ def open_random(path, copts, quiet):
 
 
 def open_partition(path, index_bits=DEFAULT_INDEX_BITS, verify_reads=False, quiet=False,
-                   **copts):
+                   fmt=None, **copts):
     """(image, virtual partition, close(remove)) for mounting an image.
 
     Compressed images get their seek index (or cache file) here, in one pass."""
     if path == "-":
         raise VimageError("mount needs an image file, not stdin")
     stream, _container = open_stream(path)
-    is_partimage = stream.peek(64).startswith(PartimageImage.MAGIC)
+    is_partimage = stream.peek(64).startswith(PartimageImage.MAGIC) and fmt != "raw"
     stream.close()
     if is_partimage:
         probe = open_image(path)        # headers and bitmap, read in order
@@ -3747,7 +4674,7 @@ def open_partition(path, index_bits=DEFAULT_INDEX_BITS, verify_reads=False, quie
         container = {"compression": src.codec.name if isinstance(src, CompressedFile) else None,
                      "pieces": len(src.files.paths if isinstance(src, CompressedFile) else src.paths)}
         stream = PeekSource(passer if passer is not None else RandomStream(src))
-        image = detect_image(stream, container, path)
+        image = detect_image(stream, container, path, fmt)
         if isinstance(image, NtfscloneImage):
             if verify_reads:
                 raise VimageError("--verify-reads: ntfsclone images have no checksums")
@@ -3793,23 +4720,6 @@ def describe_sources(sources):
 # FUSE: one read-only file, the partition
 # ===========================================================================
 
-# file system magic -> name; checked in order on the virtual partition's first bytes
-FS_MAGICS = [
-    (3, b"NTFS    ", "ntfs"),
-    (3, b"EXFAT   ", "exfat"),
-    (0, b"XFSB", "xfs"),
-    (0x10040, b"_BHRfS_M", "btrfs"),
-    (1080, b"\x53\xef", "ext"),
-    (1024, b"\x10\x20\xf5\xf2", "f2fs"),
-    (1024, b"H+", "hfsplus"),
-    (1024, b"HX", "hfsplus"),
-    (32768, b"JFS1", "jfs"),
-    (65588, b"ReIsEr", "reiserfs"),
-    (82, b"FAT32   ", "vfat"),
-    (54, b"FAT16   ", "vfat"),
-    (54, b"FAT12   ", "vfat"),
-]
-
 # File system -> (check in no-change mode, read-only mount attempts in order).
 # Every attempt is `mount -t TYPE -o OPTIONS` on a read-only loop device over
 # the virtual partition, with nosuid,nodev (and noexec unless --exec) added:
@@ -3843,23 +4753,6 @@ FILESYSTEMS = {
 def safe_options(options, allow_exec=False):
     """Mount options plus those that keep a backup harmless."""
     return options + ",nosuid,nodev" + ("" if allow_exec else ",noexec")
-
-
-def detect_filesystem(part):
-    """The file system inside a virtual partition, from its superblock magic."""
-    try:
-        head = part.read(0, 65536 + 4096)
-    except OSError:                 # --verify-reads found a bad group there
-        return None
-    for offset, magic, name in FS_MAGICS:
-        if head[offset:offset + len(magic)] == magic:
-            if name == "ext":
-                compat, incompat = struct.unpack_from("<II", head, 1024 + 92)
-                if incompat & 0x2C0 or incompat & ~0x1E:        # extents, 64bit, flex_bg, ...
-                    return "ext4"
-                return "ext3" if compat & 0x4 else "ext2"
-            return name
-    return None
 
 
 def virtual_name(path):
@@ -3906,43 +4799,61 @@ def dir_mode(mode):
     return mode | (mode & 0o444) >> 2
 
 
-def make_operations(fuse, part, name, image_paths, files_mount=None):
-    """The fusepy Operations class serving `name` as the read-only partition.
-    The kernel enforces the image files' owner and mode (default_permissions)."""
-    uid, gid, mode, now = access_of(image_paths)
+def make_operations(fuse, files, on_destroy=None):
+    """The fusepy Operations serving a flat directory of read-only files.
 
-    class PartitionFS(fuse.Operations):
+    `files` maps a name to (reader, (uid, gid, mode, mtime)); the directory
+    takes the most restrictive access of them all.  The kernel enforces
+    owners and modes (default_permissions)."""
+    nodes = {}
+    for name, (part, (uid, gid, mode, mtime)) in files.items():
+        t = int(mtime * 1e9)
+        nodes["/" + name] = (part, {"st_mode": stat.S_IFREG | mode, "st_nlink": 1,
+                                    "st_uid": uid, "st_gid": gid, "st_size": part.size,
+                                    "st_blocks": 0, "st_atime": t, "st_mtime": t, "st_ctime": t})
+    accesses = [a for _p, a in files.values()]
+    uids, gids = {a[0] for a in accesses}, {a[1] for a in accesses}
+    mode = 0o555
+    for a in accesses:
+        mode &= a[2]
+    t = int(max(a[3] for a in accesses) * 1e9) if accesses else 0
+    root = {"st_mode": stat.S_IFDIR | dir_mode(mode), "st_nlink": 2,
+            "st_uid": uids.pop() if len(uids) == 1 else 0,
+            "st_gid": gids.pop() if len(gids) == 1 else 0,
+            "st_size": 0, "st_atime": t, "st_mtime": t, "st_ctime": t}
+    listing = [".", ".."] + list(files)
+    total = sum(-(-p.size // 4096) for p, _a in files.values())
+
+    class VimageFS(fuse.Operations):
         use_ns = True
 
         def __init__(self):
             self.ready = None        # called once the kernel has the mount
+            self.nodes = nodes
 
         def init(self, path):
             if self.ready:
                 self.ready()
 
         def destroy(self, path):
-            if files_mount and os.path.ismount(files_mount):
-                subprocess_quiet(["umount", "-l", files_mount])
+            if on_destroy:
+                on_destroy()
 
         def getattr(self, path, fh=None):
-            t = int(now * 1e9)
             if path == "/":
-                return {"st_mode": stat.S_IFDIR | dir_mode(mode), "st_nlink": 2, "st_uid": uid,
-                        "st_gid": gid, "st_size": 0, "st_atime": t, "st_mtime": t, "st_ctime": t}
-            if path == "/" + name:
-                return {"st_mode": stat.S_IFREG | mode, "st_nlink": 1, "st_uid": uid,
-                        "st_gid": gid, "st_size": part.size, "st_blocks": 0,
-                        "st_atime": t, "st_mtime": t, "st_ctime": t}
-            raise fuse.FuseOSError(errno.ENOENT)
+                return root
+            node = nodes.get(path)
+            if node is None:
+                raise fuse.FuseOSError(errno.ENOENT)
+            return node[1]
 
         def readdir(self, path, fh):
             if path != "/":
                 raise fuse.FuseOSError(errno.ENOTDIR)
-            return [".", "..", name]
+            return listing
 
         def open(self, path, flags):
-            if path != "/" + name:
+            if path not in nodes:
                 raise fuse.FuseOSError(errno.ENOENT)
             if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
                 raise fuse.FuseOSError(errno.EROFS)
@@ -3950,17 +4861,16 @@ def make_operations(fuse, part, name, image_paths, files_mount=None):
 
         def read(self, path, size, offset, fh):
             try:
-                return part.read(offset, size)
-            except OSError as e:
-                log_error("read of %d bytes at %d failed: %s" % (size, offset, e.strerror or e))
-                raise fuse.FuseOSError(errno.EIO)
-            except VimageError as e:
-                log_error("read of %d bytes at %d failed: %s" % (size, offset, e))
+                return nodes[path][0].read(offset, size)
+            except (OSError, VimageError) as e:
+                log_error("%s: read of %d bytes at %d failed: %s"
+                          % (path[1:], size, offset, getattr(e, "strerror", None) or e))
                 raise fuse.FuseOSError(errno.EIO)
 
         def statfs(self, path):
-            return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": -(-part.size // 4096),
-                    "f_bfree": 0, "f_bavail": 0, "f_files": 2, "f_ffree": 0, "f_namemax": 255}
+            return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": total,
+                    "f_bfree": 0, "f_bavail": 0, "f_files": len(files) + 1, "f_ffree": 0,
+                    "f_namemax": 255}
 
         def access(self, path, amode):
             if amode & os.W_OK:
@@ -3973,28 +4883,35 @@ def make_operations(fuse, part, name, image_paths, files_mount=None):
         write = create = truncate = unlink = mkdir = rmdir = rename = _refuse
         chmod = chown = symlink = link = utimens = mknod = setxattr = removexattr = _refuse
 
-    return PartitionFS()
+    return VimageFS()
 
 
-def fuse_class(fuse, part):
+def fuse_class(fuse, ops):
     """fusepy's FUSE with a zero-copy read: preadv fills libfuse's buffer
     directly (fusepy's own read path copies the data twice more)."""
     base = fuse.FUSE
     if fuse.__name__ != "fuse" or not hasattr(base, "read"):
         return base                     # mfusepy: its own read path
     import ctypes
+    nodes = {k.encode("utf-8"): v for k, v in ops.nodes.items()}
+    c_char, addressof = ctypes.c_char, ctypes.addressof
 
     class ZeroCopyFUSE(base):
         def read(self, path, buf, size, offset, fip):
+            node = nodes.get(path)
+            if node is None:
+                return -errno.ENOENT
+            part = node[0]
             n = max(0, min(size, part.size - offset))
             if n:
-                view = memoryview((ctypes.c_char * n).from_address(
-                    ctypes.addressof(buf.contents))).cast("B")
+                view = memoryview((c_char * n).from_address(addressof(buf.contents))).cast("B")
                 try:
                     part.readinto(offset, view)
                 except (OSError, VimageError) as e:
-                    log_error("read of %d bytes at %d failed: %s" % (size, offset, e))
-                    raise fuse.FuseOSError(errno.EIO)
+                    log_error("%s: read of %d bytes at %d failed: %s"
+                              % (path.decode("utf-8", "replace")[1:], size, offset,
+                                 getattr(e, "strerror", None) or e))
+                    return -errno.EIO
             return n
     return ZeroCopyFUSE
 
@@ -4137,68 +5054,169 @@ def describe(image):
     return ", ".join(parts)
 
 
+def open_input(args):
+    """The backup the command line names."""
+    return open_backup(args.image, getattr(args, "format", None),
+                       volume=getattr(args, "volume", None),
+                       session=getattr(args, "session", None))
+
+
+def print_info(d, indent=""):
+    """info as text: scalars as 'key  value', lists of objects as tables."""
+    scalars = [(k, v) for k, v in d.items() if not isinstance(v, (list, dict))]
+    width = max([len(k) for k, _v in scalars] or [0])
+    for key, value in scalars:
+        if value is None:
+            value = "-"
+        elif key in ("size", "disk_size") or key.endswith("_size") and isinstance(value, int) \
+                and value >= 1024:
+            value = "%d bytes (%s)" % (value, human(value))
+        elif isinstance(value, bool):
+            value = "yes" if value else "no"
+        print("%s%-*s  %s" % (indent, width, key, value))
+    for key, value in d.items():
+        if isinstance(value, dict):
+            print("%s%s:" % (indent, key))
+            print_info(value, indent + "  ")
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            print("%s%s:" % (indent, key))
+            for item in value:
+                print("%s  - %s" % (indent, ", ".join(
+                    "%s %s" % (k, v) for k, v in item.items()
+                    if v is not None and not isinstance(v, (list, dict)) and v is not False)))
+                for k, v in item.items():
+                    if isinstance(v, (list, dict)) and v:
+                        print("%s      %s: %s" % (indent, k, json.dumps(v)))
+        elif isinstance(value, list):
+            for v in value:
+                print("%s%s: %s" % (indent, key.rstrip("s") if key.endswith("s") else key, v))
+
+
 def cmd_info(args):
-    image = open_image(args.image)
+    backup = open_input(args)
     try:
-        d = image.info()
+        d = backup.info()
         if args.json:
             print(json.dumps(d, sort_keys=True))
             return 0
-        width = max(len(k) for k in d)
-        for key, value in d.items():
-            if value is None:
-                value = "-"
-            elif key == "size":
-                value = "%d bytes (%s)" % (value, human(value))
-            elif isinstance(value, bool):
-                value = "yes" if value else "no"
-            print("%-*s  %s" % (width, key, value))
-        for note in image.notes:
-            print("note: %s" % note)
-        for p in image.header_problems:
-            print("warning: %s" % p)
+        print_info(d)
+        for m in backup.members:
+            for note in getattr(m, "notes", []):
+                print("note: %s" % note)
+            for p in getattr(m, "header_problems", []):
+                print("warning: %s" % p)
         return 0
     finally:
-        image.stream.close()
+        backup.close()
 
 
-def run_scan(image, sink, report, quiet, desc):
-    progress = Progress(image.stream.input_size, desc, quiet)
-    try:
-        image.scan(sink, report, progress)
-    finally:
-        progress.close()
-    failed = image.stream.failure()
-    if failed is not None:          # the image ended early because its container broke
-        raise failed
+class Findings:
+    """What verify found, per member, printed as it comes."""
+
+    def __init__(self, several):
+        self.several = several
+        self.items = []                  # (member name, Problem)
+
+    def reporter(self, name):
+        def report(p):
+            self.items.append((name, p))
+            print("BAD: %s%s" % ("%s: " % name if self.several and name else "", p), flush=True)
+        return report
+
+    def of(self, name):
+        return [p for n, p in self.items if n == name]
+
+
+def coverage_of(member, image):
+    """(verified?, what the checks covered) for one scanned image."""
+    if image is None:
+        return False, "not read"
+    return image.coverage()
 
 
 def cmd_verify(args):
-    image = open_image(args.image)
+    backup = open_input(args)
     try:
-        say(args, "%s: %s" % (args.image, describe(image)))
-        problems = []
-
-        def report(p):
-            problems.append(p)
-            print("BAD: %s" % p, flush=True)
+        members = backup.verify_members()
+        several = len(members) > 1
+        say(args, "%s: %s" % (args.image, backup_line(backup)))
+        findings = Findings(several)
+        total = sum(m.input_size() for m in members) if args.image != "-" else None
+        progress = Progress(total, "verify", args.quiet)
         start = time.monotonic()
-        run_scan(image, NullSink(), report, args.quiet, "verify")
+        done_before, unverified, verified = 0, [], []
+        try:
+            for m in members:
+                report = findings.reporter(m.name)
+                scan_progress = OffsetProgress(progress, done_before)
+                try:
+                    image = m.scan(NullSink(), report, scan_progress)
+                except VimageError as e:
+                    report(Problem("unreadable", str(e)))
+                    image = None
+                ok, what = coverage_of(m, image)
+                (verified if ok else unverified).append((m, what))
+                if several:
+                    bad = findings.of(m.name)
+                    print("%s: %s: %s" % (m.name, "FAILED" if bad else "OK" if ok else
+                                          "not verified", summary_of(bad) if bad else what),
+                          flush=True)
+                done_before += m.input_size() if total else 0
+            backup.checks(findings.reporter(None), lambda text: say(args, text))
+        finally:
+            progress.close()
         took = time.monotonic() - start
     finally:
-        image.stream.close()
-    if problems:
-        kinds = {}
-        for p in problems:
-            kinds[p.kind] = kinds.get(p.kind, 0) + 1
-        affected = sum(p.byte_range[1] - p.byte_range[0] for p in problems if p.byte_range)
-        print("%s: FAILED: %s; %s of the partition affected"
-              % (args.image, ", ".join("%d %s" % (n, k) for k, n in sorted(kinds.items())),
-                 human(affected)))
+        backup.close()
+    bad = findings.items
+    if bad:
+        print("%s: FAILED: %s" % (args.image, summary_of([p for _n, p in bad])))
         return 1
-    what = "checksums verified" if image.checksum != "none" else "structure read (no data checksums)"
-    print("%s: OK: %s, %s in %.1f s" % (args.image, what, human(image.size), took))
+    if several or getattr(backup, "checked", None):
+        checked = getattr(backup, "checked", [])
+        if not verified and not checked:
+            print("%s: no checksums: nothing verified (%s read in %.1f s)"
+                  % (args.image, human(sum(m.size or 0 for m in members)), took))
+        else:
+            print("%s: OK: %s in %.1f s" % (args.image, "; ".join(
+                ["%s: %s" % (m.name, w) for m, w in verified] + checked +
+                ["%s not verified (%s)" % (m.name, w) for m, w in unverified]), took))
+        return 0
+    m = members[0]
+    if verified:
+        print("%s: OK: %s, %s in %.1f s" % (args.image, verified[0][1], human(m.size), took))
+    else:
+        print("%s: %s (%s read in %.1f s)" % (args.image, unverified[0][1], human(m.size), took))
     return 0
+
+
+def summary_of(problems):
+    """'2 checksum, 1 truncated; 1.0 MiB of the partition affected'."""
+    kinds = {}
+    for p in problems:
+        kinds[p.kind] = kinds.get(p.kind, 0) + 1
+    affected = sum(p.byte_range[1] - p.byte_range[0] for p in problems if p.byte_range)
+    text = ", ".join("%d %s" % (n, k) for k, n in sorted(kinds.items()))
+    if affected:
+        text += "; %s of the partition affected" % human(affected)
+    return text
+
+
+def backup_line(backup):
+    """One line: what the input holds."""
+    if isinstance(backup, ImageBackup):
+        return backup.members[0].describe()
+    return backup.describe()
+
+
+class OffsetProgress:
+    """A member's progress inside the progress of the whole backup."""
+
+    def __init__(self, progress, base):
+        self.progress, self.base = progress, base
+
+    def update_to(self, done):
+        self.progress.update_to(self.base + done)
 
 
 def open_output(path, force, size, inputs):
@@ -4240,13 +5258,13 @@ def open_output(path, force, size, inputs):
 
 
 def cmd_extract(args):
-    image = open_image(args.image)
+    backup = open_input(args)
     fd = None
     created = False
     try:
-        say(args, "%s: %s" % (args.image, describe(image)))
-        inputs = image.paths()
-        fd, sink, created = open_output(args.output, args.force, image.size, inputs)
+        member = backup.member(args.partition) if args.partition else backup.default_member()
+        say(args, "%s: %s" % (args.image, member.describe()))
+        fd, sink, created = open_output(args.output, args.force, member.size, backup.paths())
         warnings = []
 
         def report(p):
@@ -4256,14 +5274,19 @@ def cmd_extract(args):
                 return
             raise ChecksumError(str(p)) if p.kind == "checksum" else FormatError(str(p))
         start = time.monotonic()
-        run_scan(image, sink, report, args.quiet, "extract")
-        sink.finish(image.size)
+        progress = Progress(member.input_size() if args.image != "-" else None, "extract",
+                            args.quiet)
+        try:
+            member.scan(sink, report, progress)
+        finally:
+            progress.close()
+        sink.finish(member.size)
         if fd is not None:
             os.close(fd)
             fd = None
         created = False
         say(args, "%s: wrote %s (%d bytes) in %.1f s%s"
-            % (args.output, human(image.size), image.size, time.monotonic() - start,
+            % (args.output, human(member.size), member.size, time.monotonic() - start,
                "; %d checksum problems ignored" % len(warnings) if warnings else ""))
         return 0
     except OSError as e:
@@ -4273,7 +5296,7 @@ def cmd_extract(args):
             e.args = (str(e) + "; %s removed" % args.output,)
         raise
     finally:
-        image.stream.close()
+        backup.close()
         if fd is not None:
             os.close(fd)
         if created:
@@ -4330,31 +5353,7 @@ def _files_mount(fstype, virtual, mountpoint, allow_exec=False):
                       % (fstype, "; ".join(errors), FILESYSTEMS[fstype][2]))
 
 
-def mount_summary(args, image, part, name, path, fstype, took, files_cmd):
-    lines = ["%s: %s" % (args.image, describe(image)),
-             "virtual partition: %s (%d bytes%s)" % (path, part.size,
-                                                    ", %s" % fstype if fstype else "")]
-    if getattr(part, "how", ""):
-        lines.append("reading: %s" % part.how)
-    if took >= 0.05:
-        lines.append("ready in %.1f s (index pass included)" % took)
-    if files_cmd:
-        lines.append("files: %s (mounted with: %s)" % (args.mountpoint, files_cmd))
-    elif fstype in FILESYSTEMS:
-        fsck, attempts, _package = FILESYSTEMS[fstype]
-        if fsck:
-            lines.append("check it:  " + fsck % path)
-        kind, options = attempts[0]
-        lines.append("mount it:  mount -t %s -o loop,%s %s /mnt/somewhere"
-                     % (kind, safe_options(options), path))
-    lines.append("unmount:   python3 %s umount %s" % (sys.argv[0] if sys.argv[0].endswith(".py")
-                                                       else "vimage.py", args.mountpoint))
-    return "\n".join(lines)
-
-
-def cmd_mount(args):
-    fuse = load_fuse()
-    mp = os.path.abspath(args.mountpoint)
+def check_mountpoint(mp):
     if not os.path.isdir(mp):
         raise VimageError("mount point %s does not exist or is not a directory" % mp)
     try:
@@ -4362,23 +5361,143 @@ def cmd_mount(args):
             raise VimageError("mount point %s is not empty" % mp)
     except PermissionError:
         raise VimageError("mount point %s cannot be read" % mp)
+    if mounts_at(mp):
+        raise VimageError("something is already mounted at %s" % mp)
+
+
+class MountPlan:
+    """What a mount serves: the virtual files, and the file systems --files
+    mounts from them (each a directory of the mount point, or the mount point
+    itself for a backup of one partition)."""
+
+    def __init__(self, backup, readers, args):
+        self.backup, self.args = backup, args
+        self.files = OrderedDict()
+        self.fstypes = {}
+        for m in backup.members:
+            part = readers[m.name]
+            self.files[m.name] = (part, access_of(m.paths()))
+            self.fstypes[m.name] = detect_filesystem(part) if m.kind != "disk" else None
+        parts = backup.partitions()
+        if len(parts) == 1 and not backup.disks():
+            self.targets = [(parts[0], "")]
+        else:
+            self.targets = [(m, files_dir(m)) for m in parts]
+        self.layers = []          # what --files mounted, in order (undone in reverse)
+        self.files_lines = []
+
+    def mount_files(self, fuse_dir, mp):
+        """--files: every mountable partition; the others are listed and skipped."""
+        skipped = []
+        single = self.targets and self.targets[0][1] == ""
+        if not single:
+            # a small read-only tmpfs holds one directory per partition
+            if subprocess_quiet(["mount", "-t", "tmpfs", "-o", "mode=0755,size=64k,nosuid,nodev,"
+                                 "noexec", "vimage-files", mp]) != 0:
+                raise VimageError("cannot mount a tmpfs at %s for the partitions' directories" % mp)
+            self.layers.append(mp)
+        for m, sub in self.targets:
+            fstype = self.fstypes[m.name]
+            target = os.path.join(mp, sub) if sub else mp
+            if not single:
+                os.mkdir(target, 0o755)
+            if fstype not in FILESYSTEMS:
+                skipped.append("%s (%s)" % (m.name, unmountable_reason(m, fstype)))
+                continue
+            try:
+                cmd = _files_mount(fstype, os.path.join(fuse_dir, m.name), target, self.args.exec)
+            except VimageError as e:
+                if single:
+                    raise
+                skipped.append("%s (%s)" % (m.name, e))
+                continue
+            self.layers.append(target)
+            self.files_lines.append("files: %s (mounted with: %s)" % (target, cmd))
+        if not single:
+            subprocess_quiet(["mount", "-o", "remount,ro", mp])
+        if skipped:
+            self.files_lines.append("skipped: " + "; ".join(skipped))
+
+    def unmount_layers(self):
+        for target in reversed(self.layers):
+            subprocess_quiet(["umount", target])
+        self.layers = []
+
+
+def files_dir(member):
+    """The directory of the mount point where --files puts a partition's files."""
+    return "part%d" % member.number if isinstance(member, SliceMember) else member.name
+
+
+def unmountable_reason(member, fstype):
+    why = getattr(member, "no_files_reason", None)
+    if why:
+        return why
+    if fstype is None:
+        return "no file system vimage knows"
+    return "%s cannot be mounted as files" % fstype
+
+
+def mount_summary(args, backup, plan, fuse_dir, took):
+    lines = ["%s: %s" % (args.image, backup_line(backup))]
+    for name, (part, _access) in plan.files.items():
+        m = next(x for x in backup.members if x.name == name)
+        fstype = plan.fstypes[name]
+        lines.append("virtual %s: %s (%d bytes%s)" % (
+            m.kind, os.path.join(fuse_dir, name), part.size, ", %s" % fstype if fstype else ""))
+        if getattr(part, "how", "") and not isinstance(part, SliceReader):
+            lines.append("reading: %s" % part.how)
+    if took >= 0.05:
+        lines.append("ready in %.1f s (index pass included)" % took)
+    if args.files:
+        lines.extend(plan.files_lines)
+    elif len(plan.files) == 1:
+        name = next(iter(plan.files))
+        fstype = plan.fstypes[name]
+        path = os.path.join(fuse_dir, name)
+        if fstype in FILESYSTEMS:
+            fsck, attempts, _package = FILESYSTEMS[fstype]
+            if fsck:
+                lines.append("check it:  " + fsck % path)
+            kind, options = attempts[0]
+            lines.append("mount it:  mount -t %s -o loop,%s %s /mnt/somewhere"
+                         % (kind, safe_options(options), path))
+    lines.append("unmount:   python3 %s umount %s" % (sys.argv[0] if sys.argv[0].endswith(".py")
+                                                       else "vimage.py", args.mountpoint))
+    return "\n".join(lines)
+
+
+def state_path(fuse_dir):
+    return os.path.join(RUN_DIR, os.path.basename(fuse_dir) + ".json")
+
+
+def cmd_mount(args):
+    fuse = load_fuse()
+    mp = os.path.abspath(args.mountpoint)
+    check_mountpoint(mp)
     if args.files and os.geteuid() != 0:
-        raise VimageError("--files loop-mounts the file system and needs root")
+        raise VimageError("--files loop-mounts the file systems and needs root")
     start = time.monotonic()
-    image, part, close = open_partition(
-        args.image, args.index_size, args.verify_reads, args.quiet,
-        index_memory=args.index_memory, cache_dir=args.cache_dir, keep_cache=args.keep_cache,
-        index_file=args.index)
+    backup = open_input(args)
+    ctx = OpenContext(args.index_size, args.verify_reads, args.quiet,
+                      index_memory=args.index_memory, cache_dir=args.cache_dir,
+                      keep_cache=args.keep_cache, index_file=args.index)
+    try:
+        readers = OrderedDict((m.name, m.reader(ctx)) for m in backup.members)
+        plan = MountPlan(backup, readers, args)
+    except BaseException:
+        ctx.close(True)
+        raise
+    finally:
+        backup.close()
     took = time.monotonic() - start
-    name = virtual_name(args.image)
-    fstype = detect_filesystem(part)
     fuse_dir = mp
     if args.files:
         os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
         import tempfile
         fuse_dir = tempfile.mkdtemp(prefix="mnt-", dir=RUN_DIR)
-    virtual = os.path.join(fuse_dir, name)
-    ops = make_operations(fuse, part, name, image.paths(), mp if args.files else None)
+    ops = make_operations(fuse, plan.files,
+                          (lambda: unmount_layers_of(fuse_dir, plan)) if args.files else None)
     # One FUSE thread is faster here: Python serializes the work anyway, and
     # several threads only fight over the GIL (measured: 930 vs 572 MB/s).
     options = dict(foreground=True, ro=True, fsname="vimage", subtype="vimage",
@@ -4387,26 +5506,23 @@ def cmd_mount(args):
     if os.geteuid() == 0:
         options["allow_other"] = True
     foreground = args.foreground or args.debug
-    status_r, status_w = os.pipe()
+    server = {"pid": os.getpid()}
 
     def finish_mount():
-        """Once FUSE answers: the optional file system layer, state, summary."""
-        files_cmd = None
+        """Once FUSE answers: the file system layers, the state, the summary."""
         if args.files:
             try:
-                files_cmd = _files_mount(fstype, virtual, mp, args.exec)
+                plan.mount_files(fuse_dir, mp)
             except VimageError:
+                plan.unmount_layers()
                 _fuse_unmount(fuse_dir)
                 raise
-            with open(os.path.join(RUN_DIR, os.path.basename(fuse_dir) + ".json"), "w") as f:
-                json.dump({"mountpoint": mp, "fuse": fuse_dir, "pid": os.getpid()
-                           if foreground else child}, f)
-        print(mount_summary(args, image, part, name, virtual, fstype, took, files_cmd), flush=True)
+            write_private(state_path(fuse_dir), json.dumps(
+                {"mountpoint": mp, "fuse": fuse_dir, "pid": server["pid"],
+                 "layers": plan.layers}))
+        print(mount_summary(args, backup, plan, fuse_dir, took), flush=True)
 
     if foreground:
-        os.close(status_r)
-        os.close(status_w)
-
         def ready():
             def later():
                 try:
@@ -4416,15 +5532,16 @@ def cmd_mount(args):
             threading.Thread(target=later, daemon=True).start()
         ops.ready = ready
         try:
-            fuse_class(fuse, part)(ops, fuse_dir, **options)
+            fuse_class(fuse, ops)(ops, fuse_dir, **options)
         except RuntimeError as e:
             raise VimageError("mounting failed: %s" % e)
         finally:
-            close(True)
+            ctx.close(True)
             if args.files:
                 _cleanup_files_state(fuse_dir)
         return 0
 
+    status_r, status_w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
     child = os.fork()
@@ -4444,17 +5561,18 @@ def cmd_mount(args):
                 os.close(status_w)
             ops.ready = ready
             try:
-                fuse_class(fuse, part)(ops, fuse_dir, **options)
+                fuse_class(fuse, ops)(ops, fuse_dir, **options)
             except BaseException as e:
                 os.write(2, ("%s\n" % e).encode())
         finally:
             try:
-                close(True)
+                ctx.close(True)
             except Exception:
                 pass
             if args.files:
                 _cleanup_files_state(fuse_dir)
             os._exit(0)
+    server["pid"] = child
     os.close(status_w)
     got = b""
     while True:
@@ -4468,9 +5586,10 @@ def cmd_mount(args):
         text = got.decode(errors="replace").strip().splitlines()
         raise VimageError("mounting at %s failed: %s" % (fuse_dir, text[-1] if text else
                                                          "the mount process ended"))
+    first = next(iter(plan.files))
     for _ in range(100):                              # the kernel answers; make sure
         try:
-            if os.stat(virtual).st_size == part.size:
+            if os.stat(os.path.join(fuse_dir, first)).st_size == plan.files[first][0].size:
                 break
         except OSError:
             pass
@@ -4478,17 +5597,34 @@ def cmd_mount(args):
     else:
         _fuse_unmount(fuse_dir)
         raise VimageError("the mount at %s did not become usable" % fuse_dir)
-    finish_mount()
-    close(False)                 # the mount process keeps its own copies
+    try:
+        finish_mount()
+    finally:
+        ctx.close(False)                 # the mount process keeps its own copies
     return 0
 
 
+def unmount_layers_of(fuse_dir, plan):
+    """When the FUSE process ends on its own (a signal): the layers on top go
+    first (lazily: the files are going away).  A forked server learns them
+    from the state its parent wrote."""
+    layers = plan.layers
+    try:
+        if not untrusted_reason(state_path(fuse_dir)):
+            with open(state_path(fuse_dir)) as f:
+                layers = json.load(f).get("layers") or layers
+    except (OSError, ValueError):
+        pass
+    for target in reversed(layers):
+        if mounts_at(target):
+            subprocess_quiet(["umount", "-l", target])
+
+
 def _cleanup_files_state(fuse_dir):
-    for path in (os.path.join(RUN_DIR, os.path.basename(fuse_dir) + ".json"),):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+    try:
+        os.unlink(state_path(fuse_dir))
+    except OSError:
+        pass
     try:
         os.rmdir(fuse_dir)
     except OSError:
@@ -4501,8 +5637,11 @@ def cmd_umount(args):
     try:
         for entry in os.listdir(RUN_DIR):
             if entry.endswith(".json"):
+                path = os.path.join(RUN_DIR, entry)
+                if untrusted_reason(path):
+                    continue
                 try:
-                    with open(os.path.join(RUN_DIR, entry)) as f:
+                    with open(path) as f:
                         d = json.load(f)
                 except (OSError, ValueError):
                     continue
@@ -4512,15 +5651,17 @@ def cmd_umount(args):
         pass
     stack = mounts_at(mp)
     if state:
-        if stack and subprocess_quiet(["umount", mp]) != 0:
-            raise VimageError("cannot unmount the file system at %s (busy?)" % mp)
+        layers = state.get("layers") or ([mp] if stack else [])
+        for target in reversed(layers):
+            if mounts_at(target) and subprocess_quiet(["umount", target]) != 0:
+                raise VimageError("cannot unmount the file system at %s (busy?)" % target)
         fuse_dir = state["fuse"]
-        for _ in range(100):                          # the loop device lets go of the file
+        for _ in range(100):                          # the loop devices let go of the files
             if _fuse_unmount(fuse_dir):
                 break
             time.sleep(0.1)
         else:
-            raise VimageError("cannot unmount the virtual partition at %s" % fuse_dir)
+            raise VimageError("cannot unmount the virtual files at %s" % fuse_dir)
         _wait_gone(state.get("pid"))
         _cleanup_files_state(fuse_dir)
         say(args, "unmounted %s" % mp)
@@ -4586,24 +5727,34 @@ def build_parser():
                            epilog="example:\n  " + example,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         return p
-    p = add("info", "show what an image holds",
+    def inputs(p, stdin=True):
+        p.add_argument("image", help="image file, first piece of a split set, image directory "
+                       "or backup folder" + (", or - for stdin" if stdin else ""))
+        p.add_argument("--format", choices=["raw"],
+                       help="take an input with no known header as a raw (dd) image")
+        p.add_argument("--volume", metavar="NAME", help="the volume of a backup archive")
+        p.add_argument("--session", metavar="S",
+                       help="the session of a backup archive (default: the newest)")
+    p = add("info", "show what an image or backup holds",
             "%s info sda1.ext4-ptcl-img.gz.aa --json" % PROG)
-    p.add_argument("image", help="image file, first piece of a split set, or - for stdin")
+    inputs(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p = add("verify", "read the whole image and check every checksum",
             "%s verify sda1.ext4-ptcl-img.gz.aa" % PROG)
-    p.add_argument("image", help="image file, first piece of a split set, or - for stdin")
-    p = add("extract", "write the raw partition (to a sparse file, a device or stdout)",
+    inputs(p)
+    p = add("extract", "write the raw partition or disk (to a sparse file, a device or stdout)",
             "%s extract sda1.ext4-ptcl-img.gz.aa sda1.raw" % PROG)
-    p.add_argument("image", help="image file, first piece of a split set, or - for stdin")
+    inputs(p)
     p.add_argument("output", help="output file, block device, or - for stdout")
+    p.add_argument("--partition", metavar="N",
+                   help="only this partition (its number, or its name as info shows it)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--ignore-checksums", action="store_true",
                    help="write the data even where checksums do not match (listed as warnings)")
     p = add("mount", "show the partition as a read-only file through FUSE (no disk space used)",
             "%s mount sda1.ext4-ptcl-img.aa /mnt/img\n  %s mount --files sda1.ext4-ptcl-img.aa "
             "/mnt/files   (root: the files themselves)" % (PROG, PROG))
-    p.add_argument("image", help="image file or first piece of a split set")
+    inputs(p, stdin=False)
     p.add_argument("mountpoint", help="an empty directory")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("-d", "--debug", action="store_true", help="FUSE debug output (implies -f)")

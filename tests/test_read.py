@@ -354,12 +354,19 @@ def test_bad_files_give_clean_errors(kind, cmd, tmp):
     f.write_bytes(content)
     args = [cmd, "-q", f] + ([tmp / "out.raw"] if cmd == "extract" else [])
     proc = run(*args)
-    if kind in ("random", "wrong-magic") and cmd == "info":
-        # not an image of a known format: it is shown as raw, not an error
-        assert proc.returncode == 0 and b"raw" in proc.stdout
-        return
-    if kind in ("random", "wrong-magic") and cmd in ("verify", "extract"):
-        assert proc.returncode == 0       # a raw stream reads fine
+    if kind in ("random", "wrong-magic", "empty"):
+        # raw is a claim, not a fallback: no header, no table, no file system
+        assert_clean_error(proc)
+        assert b"not a recognized image" in proc.stderr
+        if kind == "wrong-magic":
+            assert b"damaged header" in proc.stderr and b"partclone" in proc.stderr
+        if kind != "empty":                # --format raw still takes it
+            proc = run(*(args[:1] + ["--format", "raw"] + args[1:]))
+            assert proc.returncode == 0, proc.stderr
+            if cmd == "info":
+                assert b"raw" in proc.stdout
+            if cmd == "extract":
+                assert (tmp / "out.raw").read_bytes() == content
         return
     if cmd == "info" and kind == "truncated-data":
         assert proc.returncode == 0        # the headers are all there
@@ -387,9 +394,13 @@ def test_corrupt_compressed_stream(tmp):
     compress(["gzip", "-c"], image_path(name), packed)
     data = packed.read_bytes()
     (tmp / "t.gz").write_bytes(data[:len(data) // 2])
-    assert_clean_error(run("verify", "-q", tmp / "t.gz"))
-    (tmp / "c.gz").write_bytes(flip(data, len(data) // 2, 0xFF))
-    assert_clean_error(run("verify", "-q", tmp / "c.gz"))
+    for bad, why in (("t.gz", b"gzip stream is truncated"), ("c.gz", b"gzip stream is corrupt")):
+        if bad == "c.gz":
+            (tmp / "c.gz").write_bytes(flip(data, len(data) // 2, 0xFF))
+        proc = run("verify", "-q", tmp / bad)       # named as a problem, then the summary
+        assert proc.returncode == 1 and b"Traceback" not in proc.stderr
+        assert why in proc.stdout and b": FAILED: " in proc.stdout
+        assert_clean_error(run("extract", "-q", tmp / bad, tmp / "out.raw"))
 
 
 def test_ntfsclone_10_0_against_the_real_restore(tmp):
