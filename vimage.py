@@ -3088,7 +3088,7 @@ class RawDiskBackup(Backup):
 
     def __init__(self, disk, table):
         self.disk, self.table = disk, table
-        disk.kind = "disk"
+        disk.kind, disk.table = "disk", table
         members = [disk]
         base = disk.name
         for e in table.usable():
@@ -3111,6 +3111,21 @@ class RawDiskBackup(Backup):
 
     def verify_members(self):
         return [self.disk]
+
+    def describe(self):
+        t, d = self.table, self.disk
+        size = d.size if d.size is not None else t.disk_size
+        parts = ["raw disk image, %s partition table, %d-byte sectors, %s" % (
+            "GPT" if t.label == "gpt" else "MBR", t.sector_size, human(size)),
+            "%d partitions" % len(t.usable())]
+        comp = d.header.get("compression")
+        if comp:
+            parts.append("%s-compressed" % comp)
+        if d.header.get("pieces", 1) > 1:
+            parts.append("%d pieces" % d.header["pieces"])
+        if t.problems:
+            parts.append("%d table problems" % len(t.problems))
+        return ", ".join(parts)
 
 
 def disk_pread(member):
@@ -5127,13 +5142,6 @@ class Findings:
         return [p for n, p in self.items if n == name]
 
 
-def coverage_of(member, image):
-    """(verified?, what the checks covered) for one scanned image."""
-    if image is None:
-        return False, "not read"
-    return image.coverage()
-
-
 def cmd_verify(args):
     backup = open_input(args)
     try:
@@ -5144,23 +5152,21 @@ def cmd_verify(args):
         total = sum(m.input_size() for m in members) if args.image != "-" else None
         progress = Progress(total, "verify", args.quiet)
         start = time.monotonic()
-        done_before, unverified, verified = 0, [], []
+        done_before, covered = 0, []        # (member, level, words)
         try:
             for m in members:
                 report = findings.reporter(m.name)
-                scan_progress = OffsetProgress(progress, done_before)
                 try:
-                    image = m.scan(NullSink(), report, scan_progress)
+                    image = m.scan(NullSink(), report, OffsetProgress(progress, done_before))
+                    level, what = image.coverage() if image is not None else ("full", "verified")
                 except VimageError as e:
                     report(Problem("unreadable", str(e)))
-                    image = None
-                ok, what = coverage_of(m, image)
-                (verified if ok else unverified).append((m, what))
+                    level, what = "none", "not read to the end"
+                covered.append((m, level, what))
                 if several:
                     bad = findings.of(m.name)
-                    print("%s: %s: %s" % (m.name, "FAILED" if bad else "OK" if ok else
-                                          "not verified", summary_of(bad) if bad else what),
-                          flush=True)
+                    print("%s: %s: %s" % (m.name, "FAILED" if bad else VERDICT[level],
+                                          summary_of(bad) if bad else what), flush=True)
                 done_before += m.input_size() if total else 0
             backup.checks(findings.reporter(None), lambda text: say(args, text))
         finally:
@@ -5168,26 +5174,34 @@ def cmd_verify(args):
         took = time.monotonic() - start
     finally:
         backup.close()
-    bad = findings.items
-    if bad:
-        print("%s: FAILED: %s" % (args.image, summary_of([p for _n, p in bad])))
+    checked = list(getattr(backup, "checked", []))     # the backup's own sums and tables
+    unchecked = list(getattr(backup, "unchecked", []))
+    if findings.items:
+        print("%s: FAILED: %s" % (args.image, summary_of([p for _n, p in findings.items])))
+        for line in unchecked:
+            print("%s: not checked: %s" % (args.image, line))
         return 1
-    if several or getattr(backup, "checked", None):
-        checked = getattr(backup, "checked", [])
-        if not verified and not checked:
-            print("%s: no checksums: nothing verified (%s read in %.1f s)"
-                  % (args.image, human(sum(m.size or 0 for m in members)), took))
-        else:
-            print("%s: OK: %s in %.1f s" % (args.image, "; ".join(
-                ["%s: %s" % (m.name, w) for m, w in verified] + checked +
-                ["%s not verified (%s)" % (m.name, w) for m, w in unverified]), took))
-        return 0
-    m = members[0]
-    if verified:
-        print("%s: OK: %s, %s in %.1f s" % (args.image, verified[0][1], human(m.size), took))
+    levels = {level for _m, level, _w in covered}
+    if checked:
+        levels.add("full")
+    size = sum(m.size or 0 for m in members)
+    if several:
+        words = ["%d of %d %s %s" % (sum(1 for _m, l, _w in covered if l == level), len(covered),
+                                     "partitions" if backup.partitions() else "members",
+                                     VERDICT[level].lower())
+                 for level in ("full", "partial", "none") if any(l == level for _m, l, _w in covered)]
     else:
-        print("%s: %s (%s read in %.1f s)" % (args.image, unverified[0][1], human(m.size), took))
+        words = [covered[0][2]] if covered else []
+    words += checked
+    verdict = "OK: " if levels == {"full"} else "partly verified: " if "full" in levels or \
+        "partial" in levels else "" if not several else "not verified: "
+    print("%s: %s%s; %s in %.1f s" % (args.image, verdict, "; ".join(words), human(size), took))
+    for line in unchecked:
+        print("%s: not checked: %s" % (args.image, line))
     return 0
+
+
+VERDICT = {"full": "OK", "partial": "partly verified", "none": "not verified"}
 
 
 def summary_of(problems):
