@@ -1370,19 +1370,21 @@ def make_digest(kind, reseed, endian="<", field_size=None):
 class Problem:
     """One fault found in an image: where in the image, and what it spoils."""
 
-    def __init__(self, kind, message, image_offset=None, byte_range=None, block_range=None):
-        self.kind = kind                  # 'checksum', 'truncated', 'structure'
+    def __init__(self, kind, message, image_offset=None, byte_range=None, block_range=None,
+                 unit="partition"):
+        self.kind = kind                  # 'checksum', 'truncated', 'structure', ...
         self.message = message
         self.image_offset = image_offset
-        self.byte_range = byte_range      # (first, end) partition bytes
+        self.byte_range = byte_range      # (first, end) bytes of the partition (or unit)
         self.block_range = block_range    # (first, last) block numbers
+        self.unit = unit
 
     def __str__(self):
         parts = [self.message]
         if self.image_offset is not None:
             parts.append("at image offset %d" % self.image_offset)
         if self.byte_range is not None:
-            parts.append("partition bytes %d-%d" % (self.byte_range[0], self.byte_range[1] - 1))
+            parts.append("%s bytes %d-%d" % (self.unit, self.byte_range[0], self.byte_range[1] - 1))
         if self.block_range is not None:
             parts.append("blocks %d-%d" % self.block_range)
         return ", ".join(parts)
@@ -3226,6 +3228,613 @@ def raw_backup(member):
 
 
 BACKUP_SETS = []        # directory detectors, filled in by the backup-set sections below
+
+
+# ===========================================================================
+# Backup sets: sparsebak and Wyng archives
+# ===========================================================================
+#
+# sparsebak (2018) and Wyng keep a volume as sessions of fixed-size chunks:
+#   <volume>/S_YYYYmmdd-HHMMSS/           one folder per backup run
+#       0000000000040000                  2018: flat, bare 16-hex byte address
+#       000000000/x0000000000040000       later: bucket (first 9 hex) + x-name
+#       info, manifest (manifest.z)       key = value lines; "digest x<addr>"
+# The first session holds every address, later ones the chunks that changed.
+# A chunk file is raw, xz, gzip, zlib, bz2 or zstd (told apart by magic); a
+# zero-length file or a "0" manifest line is a chunk of zeros.  The volume as
+# of session S: for every address the chunk of the newest session <= S that
+# has it, zeros where none has it (never shifted), cut to S's volsize.  Chunk
+# size: info:chunksize, archive.ini, else 256 KiB (2018).  Manifest digests
+# are sha256 or BLAKE2b-256 of the stored (compressed) bytes, hex or, in
+# Wyng's format 3, URL-safe base64.  Format 3 ("[WYNG03]" archive.ini) also
+# compresses its metadata and chains it by hash: archive.ini [volumes] ->
+# Vol_x/volinfo -> S_x/info -> manifest.z, and info:mfcs is the CRC-32 of
+# the merged manifest text up to that session.
+
+SESSION_RE = re.compile(r"^S_(\d{8}-\d{6})$")
+CHUNK_FILE_RE = re.compile(r"^x?([0-9a-f]{16})$")
+BUCKET_RE = re.compile(r"^[0-9a-f]{9}$")
+CHUNK_DEFAULT = 256 * 1024
+
+
+def _zlib_magic(b):
+    return len(b) > 1 and b[0] == 0x78 and (b[0] << 8 | b[1]) % 31 == 0
+
+
+# first bytes -> (name, decompress(data, max_length))
+CHUNK_CODECS = [
+    (lambda b: b[:2] == b"\x1f\x8b", "gzip",
+     lambda d, n: zlib.decompressobj(31).decompress(d, n)),
+    (lambda b: b[:6] == b"\xfd7zXZ\x00", "xz",
+     lambda d, n: lzma.LZMADecompressor().decompress(d, n)),
+    (lambda b: b[:3] == b"BZh", "bz2", lambda d, n: bz2.BZ2Decompressor().decompress(d, n)),
+    (lambda b: b[:4] == b"\x28\xb5\x2f\xfd", "zstd", lambda d, n: _zstd_decompress(d)[:n]),
+    (_zlib_magic, "zlib", lambda d, n: zlib.decompressobj().decompress(d, n)),
+]
+
+
+def decode_chunk(stored, expect):
+    """The decoded bytes of a stored chunk (`expect` bytes long): by magic,
+    else raw when it already has that length."""
+    for match, name, decode in CHUNK_CODECS:
+        if match(stored):
+            try:
+                out = decode(stored, expect + 1)
+            except MissingDependency:
+                raise
+            except Exception as e:
+                if len(stored) == expect:
+                    return stored
+                raise ContainerError("%s chunk is corrupt: %s" % (name, e))
+            if len(out) == expect or len(stored) != expect:
+                return out
+            break
+    return stored
+
+
+def decode_meta(raw):
+    """A metadata file of format 3 (compressed with the archive's codec) as text."""
+    for match, _name, decode in CHUNK_CODECS:
+        if match(raw):
+            try:
+                raw = decode(raw, 1 << 26)
+            except MissingDependency:
+                raise
+            except Exception as e:
+                raise FormatError("archive metadata is corrupt: %s" % e)
+            break
+    return raw.decode("utf-8", "replace")
+
+
+def keyvals(text):
+    """key = value lines (first one wins; 'tag' lines collected)."""
+    d, tags = {}, []
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        key, value = key.strip(), value.strip()
+        if key == "tag":
+            tags.append(value)
+        else:
+            d.setdefault(key, value)
+    d["tags"] = tags
+    return d
+
+
+def _b64_digest(digest):
+    import base64
+    return base64.urlsafe_b64encode(digest).decode()
+
+
+HASHES = {"sha256": lambda: __import__("hashlib").sha256(),
+          "blake2b": lambda: __import__("hashlib").blake2b(digest_size=32)}
+
+
+class ChunkSession:
+    """One session folder: its metadata and the chunks it stores."""
+
+    def __init__(self, volume, name, path):
+        self.volume, self.name, self.path = volume, name, path
+        m = SESSION_RE.match(name)
+        self.time = m.group(1) if m else name
+        self.info = {}
+        if os.path.exists(os.path.join(path, "info")):
+            with open(os.path.join(path, "info"), "rb") as f:
+                self.info_raw = f.read()
+            self.info = keyvals(decode_meta(self.info_raw))
+        self.manifest_file = next((os.path.join(path, n) for n in ("manifest.z", "manifest", "hashes")
+                                   if os.path.exists(os.path.join(path, n))), None)
+        self._chunks = None
+
+    def volsize(self):
+        v = self.info.get("volsize") or self.info.get("size")
+        return int(v) if v and v.isdigit() else None
+
+    def chunk_path(self, addr):
+        name = "%016x" % addr
+        bucketed = os.path.join(self.path, name[:9], "x" + name)
+        if os.path.exists(bucketed):
+            return bucketed
+        for flat in (os.path.join(self.path, name), os.path.join(self.path, "x" + name)):
+            if os.path.exists(flat):
+                return flat
+        return bucketed
+
+    def chunks(self):
+        """{address: digest, 0 for a zero chunk, or None for a data chunk of
+        unknown digest (no manifest)}."""
+        if self._chunks is None:
+            self._chunks = self._from_manifest() if self.manifest_file else self._from_files()
+        return self._chunks
+
+    def _from_files(self):
+        found = {}
+        for entry in os.listdir(self.path):
+            full = os.path.join(self.path, entry)
+            if BUCKET_RE.match(entry) and os.path.isdir(full):
+                for name in os.listdir(full):
+                    m = CHUNK_FILE_RE.match(name)
+                    if m:
+                        found[int(m.group(1), 16)] = (0 if os.path.getsize(os.path.join(full, name))
+                                                      == 0 else None)
+            else:
+                m = CHUNK_FILE_RE.match(entry)
+                if m and os.path.isfile(full):
+                    found[int(m.group(1), 16)] = 0 if os.path.getsize(full) == 0 else None
+        return found
+
+    def _from_manifest(self):
+        with open(self.manifest_file, "rb") as f:
+            self.manifest_raw = f.read()
+        found = {}
+        for n, line in enumerate(decode_meta(self.manifest_raw).splitlines(), 1):
+            tokens = line.split()
+            if not tokens:
+                continue
+            addr = digest = None
+            for t in tokens:            # told apart by shape: the column order changed
+                m = CHUNK_FILE_RE.match(t)
+                if m and addr is None:
+                    addr = int(m.group(1), 16)
+                else:
+                    digest = 0 if t == "0" else t
+            if addr is None or digest is None or len(tokens) != 2:
+                raise FormatError("%s line %d is not a manifest line: %r"
+                                  % (self.manifest_file, n, line[:80]))
+            found[addr] = digest
+        return found
+
+
+class ChunkVolume:
+    """A volume folder: its sessions, oldest first, and how to read them."""
+
+    def __init__(self, path, name, archive=None):
+        self.path, self.name, self.archive = path, name, archive
+        self.volinfo = {}
+        vi = os.path.join(path, "volinfo")
+        if os.path.exists(vi):
+            with open(vi, "rb") as f:
+                self.volinfo_raw = f.read()
+            self.volinfo = keyvals(decode_meta(self.volinfo_raw))
+            self.name = self.volinfo.get("name") or name
+        self.sessions, self.unfinished = [], []
+        for entry in sorted(os.listdir(path)):
+            full = os.path.join(path, entry)
+            if SESSION_RE.match(entry) and os.path.isdir(full):
+                self.sessions.append(ChunkSession(self, entry, full))
+            elif entry.startswith("S_") and entry.endswith("-tmp"):
+                self.unfinished.append(entry)
+        if not self.sessions:
+            raise FormatError("%s holds no finished session%s" % (
+                path, " (only unfinished ones: %s)" % ", ".join(self.unfinished)
+                if self.unfinished else ""))
+        self.sessions.sort(key=lambda s: (int(s.info.get("sequence", "0") or 0)
+                                          if str(s.info.get("sequence", "0")).isdigit() else 0,
+                                          s.name))
+        self.chunk_size = self._chunk_size()
+        self.hashtype = (archive.hashtype if archive else None) or \
+            ("sha256" if any(s.manifest_file for s in self.sessions) else None)
+
+    def _chunk_size(self):
+        for s in self.sessions:
+            v = s.info.get("chunksize")
+            if v and v.isdigit():
+                return int(v)
+        if self.archive and self.archive.chunk_size:
+            return self.archive.chunk_size
+        return CHUNK_DEFAULT
+
+    def session(self, which):
+        if not which:
+            return self.sessions[-1]
+        want = which if which.startswith("S_") else "S_" + which
+        for s in self.sessions:
+            if s.name == want:
+                return s
+        raise VimageError("%s has no session %s (it has: %s)" % (
+            self.name, which, ", ".join(s.name for s in self.sessions)))
+
+    def merged(self, session):
+        """{address: (session, digest or 0)} as of `session`, and its size."""
+        view = {}
+        for s in self.sessions:
+            for addr, digest in s.chunks().items():
+                view[addr] = (s, digest)
+            if s is session:
+                break
+        size = session.volsize()
+        if size is None:                     # 2018 flat layouts record no size
+            if not view:
+                return view, 0
+            top = max(view)
+            s, digest = view[top]
+            size = top + (self.chunk_size if digest == 0 else
+                          len(decode_chunk(self._stored(s, top), self.chunk_size)))
+        C = self.chunk_size
+        last = (size - 1) - ((size - 1) % C) if size else -1
+        return {a: v for a, v in view.items() if a <= last}, size
+
+    @staticmethod
+    def _stored(session, addr):
+        try:
+            with open(session.chunk_path(addr), "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise ContainerError("%s: chunk x%016x: %s" % (session.name, addr, e.strerror))
+
+
+class ChunkArchive:
+    """What archive.ini says (absent for the 2018 layouts)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.format = "sparsebak"
+        self.chunk_size = self.hashtype = self.compression = None
+        self.v3 = False
+        self.volumes_ini = {}
+        ini = os.path.join(path, "archive.ini")
+        if not os.path.exists(ini):
+            return
+        with open(ini, "rb") as f:
+            raw = f.read()
+        self.raw = raw
+        import configparser
+        cp = configparser.ConfigParser(interpolation=None)
+        if raw.startswith(b"[WYNG"):
+            head = raw.split(b"\n", 2)
+            if head[0] != b"[WYNG03]":
+                raise FormatError("%s: Wyng archive format %s is not one vimage knows"
+                                  % (ini, head[0].decode("latin-1", "replace")))
+            ci = head[1].decode("latin-1").partition("=")[2].strip() if len(head) > 1 else "?"
+            if ci != "00" or os.path.exists(os.path.join(path, "archive.salt")):
+                raise FormatError(
+                    "Wyng archive %s is encrypted (ci = %s); vimage reads only unencrypted "
+                    "archives. Restore the volume with 'wyng receive VOL --dest=file:%s "
+                    "--save-to=OUT' and open OUT" % (path, ci, os.path.abspath(path)))
+            try:
+                text = gzip_decompress(head[2]).decode("utf-8")
+            except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
+                raise FormatError("%s: the archive settings are corrupt (%s)" % (ini, e))
+            self.v3 = True
+            self.format = "wyng"
+        else:
+            text = raw.decode("utf-8", "replace")
+        try:
+            cp.read_string(text)
+        except configparser.Error as e:
+            raise FormatError("%s is not a readable archive.ini: %s" % (ini, str(e).splitlines()[0]))
+        var = cp["var"] if cp.has_section("var") else {}
+        if var.get("chunksize", "").isdigit():
+            self.chunk_size = int(var["chunksize"])
+        self.hashtype = var.get("hashtype") or "sha256"
+        self.compression = var.get("compression")
+        if var.get("format_ver") or self.v3:
+            self.format = "wyng"
+        if cp.has_section("volumes"):
+            self.volumes_ini = dict(cp["volumes"])
+
+    def volume_dirs(self):
+        """(folder, name) of every volume beside archive.ini."""
+        out = []
+        for entry in sorted(os.listdir(self.path)):
+            full = os.path.join(self.path, entry)
+            if os.path.isdir(full) and (os.path.exists(os.path.join(full, "volinfo")) or
+                                        any(SESSION_RE.match(e) for e in os.listdir(full))):
+                out.append((full, entry))
+        return out
+
+
+def gzip_decompress(data):
+    return zlib.decompressobj(31).decompress(data)
+
+
+def _has_sessions(path):
+    """Whether path holds session folders (finished or not): a volume folder."""
+    try:
+        return any(SESSION_RE.match(e[:-4] if e.endswith("-tmp") else e) and
+                   os.path.isdir(os.path.join(path, e)) for e in os.listdir(path))
+    except OSError:
+        return False
+
+
+def detect_chunk_archive(path, volume=None, session=None, all_sessions=False, **_options):
+    """A sparsebak/Wyng archive folder, volume folder, or one session folder."""
+    path = os.path.normpath(path)
+    chosen = session
+    base = os.path.basename(path)
+    if SESSION_RE.match(base) and _has_sessions(os.path.dirname(path)):
+        vol_dir, chosen = os.path.dirname(path), chosen or base     # a session folder
+    elif _has_sessions(path):
+        vol_dir = path
+    elif os.path.exists(os.path.join(path, "archive.ini")):
+        vol_dir = None
+    else:
+        pools = [os.path.join(path, e) for e in sorted(os.listdir(path))
+                 if _has_sessions(os.path.join(path, e))]
+        if not pools:
+            return None
+        vol_dir = None
+    archive_dir = path if vol_dir is None else os.path.dirname(vol_dir)
+    archive = ChunkArchive(archive_dir)
+    if vol_dir is None:
+        candidates = archive.volume_dirs() if os.path.exists(
+            os.path.join(archive_dir, "archive.ini")) else \
+            [(os.path.join(path, e), e) for e in sorted(os.listdir(path))
+             if _has_sessions(os.path.join(path, e))]
+        volumes = [ChunkVolume(p, n, archive) for p, n in candidates]
+        if not volumes:
+            raise FormatError("%s holds no volume" % path)
+        if volume:
+            pick = [v for v in volumes if volume in (v.name, os.path.basename(v.path))]
+            if not pick:
+                raise VimageError("%s has no volume %s (it has: %s)" % (
+                    path, volume, ", ".join(v.name for v in volumes)))
+            vol = pick[0]
+        elif len(volumes) == 1:
+            vol = volumes[0]
+        else:
+            raise VimageError("%s holds several volumes; choose one with --volume (%s)"
+                              % (path, ", ".join(v.name for v in volumes)))
+    else:
+        vol = ChunkVolume(vol_dir, os.path.basename(vol_dir),
+                          archive if archive.chunk_size or archive.v3 else None)
+        volumes = [vol]
+    return ChunkBackup(path, archive, volumes, vol, vol.session(chosen), all_sessions)
+
+
+class ChunkMember(Member):
+    """A volume as of one session: one virtual file."""
+
+    kind = "volume"
+
+    def __init__(self, volume, session):
+        self.volume, self.session = volume, session
+        self.view, size = volume.merged(session)
+        Member.__init__(self, volume.name.replace("/", "-"), size)
+        self.has_checksums = bool(volume.hashtype)
+
+    def paths(self):
+        """The files the volume is read from (for access rights and overwrite checks)."""
+        return [s.path for s in self.volume.sessions]
+
+    def input_size(self):
+        total = 0
+        for addr, (s, digest) in self.view.items():
+            if digest != 0:
+                try:
+                    total += os.path.getsize(s.chunk_path(addr))
+                except OSError:
+                    pass
+        return total
+
+    def info(self):
+        return {"name": self.name, "kind": self.kind, "size": self.size,
+                "session": self.session.name}
+
+    def describe(self):
+        return "volume %s as of %s, %s, %d-byte chunks" % (
+            self.volume.name, self.session.name, human(self.size), self.volume.chunk_size)
+
+    def expect(self, addr):
+        return min(self.volume.chunk_size, self.size - addr)
+
+    def chunk(self, addr, check=True):
+        """The decoded bytes of the chunk at addr (None for a zero chunk)."""
+        s, digest = self.view[addr]
+        if digest == 0:
+            return None
+        stored = self.volume._stored(s, addr)
+        if not stored and digest is None:
+            return None
+        if check and digest:
+            h = HASHES.get(self.volume.hashtype, HASHES["sha256"])()
+            h.update(stored)
+            got = h.hexdigest() if len(digest) == 2 * h.digest_size else _b64_digest(h.digest())
+            if got != digest:
+                raise ChecksumError("%s: chunk x%016x: %s digest mismatch"
+                                    % (s.name, addr, self.volume.hashtype))
+        expect = self.expect(addr)
+        try:
+            data = decode_chunk(stored, expect)
+        except ContainerError as e:
+            raise ContainerError("%s: chunk x%016x: %s" % (s.name, addr, e))
+        if len(data) != expect:
+            raise ContainerError("%s: chunk x%016x decodes to %d bytes, not %d"
+                                 % (s.name, addr, len(data), expect))
+        return data
+
+    def coverage_words(self):
+        if self.volume.hashtype:
+            return "full", "every chunk checked against its %s manifest digest" % self.volume.hashtype
+        return "partial", "no manifests: only the chunks' own codec checks and lengths"
+
+    def scan(self, sink, report, progress=None):
+        done = 0
+        for addr in sorted(self.view):
+            s = self.view[addr][0]
+            try:
+                data = self.chunk(addr)
+            except VimageError as e:
+                report(Problem("checksum" if isinstance(e, ChecksumError) else "damaged", str(e),
+                               byte_range=(addr, addr + self.expect(addr)), unit="volume"))
+                continue
+            if data is not None:
+                if sink.wants_data:
+                    sink.write(addr, data)
+                try:
+                    done += os.path.getsize(s.chunk_path(addr))
+                except OSError:
+                    pass
+                if progress is not None:
+                    progress.update_to(done)
+        return _Covered(*self.coverage_words())
+
+    def reader(self, ctx):
+        return ChunkReader(self)
+
+
+class _Covered:
+    """What a scan that is not an image's vouches for (see Image.coverage)."""
+
+    def __init__(self, level, words):
+        self.level, self.words = level, words
+
+    def coverage(self):
+        return self.level, self.words
+
+
+class ChunkReader(ReadIntoMixin):
+    """Random access to a volume: the merged view is the index; decoded chunks
+    are kept in an LRU."""
+
+    def __init__(self, member):
+        self.member, self.size = member, member.size
+        self.C = member.volume.chunk_size
+        self.lru = ChunkLRU(LRU_BYTES)
+        self.how = "%d chunks of %d bytes from %d sessions" % (
+            len(member.view), self.C, len(member.volume.sessions))
+
+    def readinto(self, offset, out):
+        end = offset + len(out)
+        C, pos = self.C, offset
+        while pos < end:
+            addr = pos - pos % C
+            take = min(addr + C, end) - pos
+            dst = out[pos - offset:pos - offset + take]
+            if addr not in self.member.view:
+                zero_fill(dst)
+            else:
+                data = self.lru.get(addr)
+                if data is None:
+                    try:
+                        data = self.member.chunk(addr) or b""
+                    except VimageError as e:
+                        raise OSError(errno.EIO, str(e))
+                    self.lru.put(addr, data)
+                k = pos - addr
+                piece = data[k:k + take]
+                dst[:len(piece)] = piece
+                if len(piece) < take:
+                    zero_fill(dst[len(piece):])
+            pos += take
+
+
+class ChunkBackup(Backup):
+    """A sparsebak/Wyng archive: the chosen volume as of the chosen session."""
+
+    def __init__(self, path, archive, volumes, volume, session, all_sessions=False):
+        self.archive, self.volumes, self.volume, self.session = archive, volumes, volume, session
+        self.format = archive.format
+        self.all_sessions = all_sessions
+        Backup.__init__(self, path, [ChunkMember(volume, session)])
+        self.checked, self.unchecked = [], []
+
+    def describe(self):
+        v = self.volume
+        return "%s archive, volume %s, session %s of %d, %s, %d-byte chunks" % (
+            self.format, v.name, self.session.name, len(v.sessions), human(self.members[0].size),
+            v.chunk_size)
+
+    def verify_members(self):
+        if not self.all_sessions:
+            return self.members
+        members = [ChunkMember(self.volume, s) for s in self.volume.sessions]
+        for m in members:
+            m.name = "%s@%s" % (m.name, m.session.name)
+        return members
+
+    def info(self):
+        vols = []
+        for v in self.volumes:
+            sessions = []
+            for s in v.sessions:
+                chunks = s.chunks()
+                zeros = sum(1 for d in chunks.values() if d == 0)
+                sessions.append({"name": s.name, "time": s.time, "size": s.volsize(),
+                                 "chunks_stored": len(chunks) - zeros, "zero_chunks": zeros,
+                                 "previous": s.info.get("previous"), "tags": s.info.get("tags")
+                                 or None})
+            vols.append({"name": v.name, "folder": os.path.basename(v.path),
+                         "chunk_size": v.chunk_size, "hash": v.hashtype, "sessions": sessions,
+                         "unfinished_sessions": v.unfinished})
+        m = self.members[0]
+        return {"format": self.format, "path": self.path, "volume": self.volume.name,
+                "session": self.session.name, "size": m.size,
+                "chunk_size": self.volume.chunk_size, "compression": self.archive.compression
+                or sorted({_chunk_codec(s, a) for a, (s, d) in list(m.view.items())[:64]
+                           if d != 0} - {None}) or None,
+                "hash": self.volume.hashtype, "volumes": vols}
+
+    def checks(self, report, say):
+        if not self.archive.v3:
+            return
+        for problem in v3_chain_problems(self.archive, self.volume):
+            report(Problem("checksum", problem))
+        self.checked.append("the format-3 metadata hash chain")
+
+
+def _chunk_codec(session, addr):
+    try:
+        with open(session.chunk_path(addr), "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None
+    return next((name for match, name, _d in CHUNK_CODECS if match(head)), "raw" if head else None)
+
+
+def v3_chain_problems(archive, volume):
+    """Wyng format 3: archive.ini -> volinfo -> info -> manifest.z, and mfcs."""
+    import hashlib
+
+    def b64(data):
+        return _b64_digest(hashlib.blake2b(data, digest_size=32).digest())
+    problems = []
+    key = os.path.basename(volume.path)
+    if archive.volumes_ini.get(key.lower(), archive.volumes_ini.get(key)) != b64(volume.volinfo_raw):
+        problems.append("%s/volinfo does not match its hash in archive.ini" % key)
+    merged = {}
+    for s in volume.sessions:
+        want = volume.volinfo.get(s.name)
+        if want is None or want != b64(s.info_raw):
+            problems.append("%s/info does not match its hash in volinfo" % s.name)
+        if s.manifest_file:
+            s.chunks()
+            if s.info.get("manifesthash") not in ("0", b64(s.manifest_raw)):
+                problems.append("%s/manifest.z does not match its hash in info" % s.name)
+        for addr, digest in s.chunks().items():
+            merged[addr] = digest
+        size = s.volsize()
+        if s.info.get("mfcs", "").isdigit() and size:
+            C = volume.chunk_size
+            last = (size - 1) - ((size - 1) % C)
+            text = "".join("%s x%016x\n" % (merged[a], a) for a in sorted(merged) if a <= last)
+            if zlib.crc32(text.encode()) != int(s.info["mfcs"]):
+                problems.append("%s: the merged manifest does not match info:mfcs" % s.name)
+    return problems
+
+
+BACKUP_SETS.append(detect_chunk_archive)
 
 
 # ===========================================================================
@@ -5073,7 +5682,8 @@ def open_input(args):
     """The backup the command line names."""
     return open_backup(args.image, getattr(args, "format", None),
                        volume=getattr(args, "volume", None),
-                       session=getattr(args, "session", None))
+                       session=getattr(args, "session", None),
+                       all_sessions=getattr(args, "all_sessions", False))
 
 
 def print_info(d, indent=""):
@@ -5212,7 +5822,9 @@ def summary_of(problems):
     affected = sum(p.byte_range[1] - p.byte_range[0] for p in problems if p.byte_range)
     text = ", ".join("%d %s" % (n, k) for k, n in sorted(kinds.items()))
     if affected:
-        text += "; %s of the partition affected" % human(affected)
+        units = {p.unit for p in problems if p.byte_range}
+        text += "; %s of the %s affected" % (human(affected), units.pop() if len(units) == 1
+                                             else "data")
     return text
 
 
@@ -5756,6 +6368,8 @@ def build_parser():
     p = add("verify", "read the whole image and check every checksum",
             "%s verify sda1.ext4-ptcl-img.gz.aa" % PROG)
     inputs(p)
+    p.add_argument("--all-sessions", action="store_true",
+                   help="a backup archive: verify the volume as of every session")
     p = add("extract", "write the raw partition or disk (to a sparse file, a device or stdout)",
             "%s extract sda1.ext4-ptcl-img.gz.aa sda1.raw" % PROG)
     inputs(p)
