@@ -296,6 +296,42 @@ def _suffix(index, width):
 
 
 IOV_MAX = 1024
+FILE_TAPS = {}      # real path -> FileTap, while a verify pass runs
+
+
+class FileTap:
+    """Whole-file hashes fed by the in-order reads a verify pass makes anyway,
+    so that a sums file costs no second read of an image.  What the pass did
+    not read (it stopped early) is read when a digest is asked for."""
+
+    def __init__(self, path, algos):
+        self.path, self.pos, self.broken = path, 0, False
+        self.hashes = {a: hash_factory(a)() for a in algos}
+
+    def feed(self, offset, data):
+        if offset != self.pos:
+            if offset > self.pos or offset + len(data) <= self.pos:
+                self.broken = self.broken or offset > self.pos
+                return
+            data = memoryview(data)[self.pos - offset:]
+        for h in self.hashes.values():
+            h.update(data)
+        self.pos += len(data)
+
+    def hexdigest(self, algo):
+        if algo not in self.hashes or self.broken:
+            return None
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                while True:
+                    data = f.read(CHUNK)
+                    if not data:
+                        break
+                    self.feed(self.pos, data)
+        except OSError:
+            return None
+        return self.hashes[algo].hexdigest()
 
 
 class Segmented:
@@ -370,6 +406,7 @@ class FileSource(Segmented, Source):
         self.size = self.input_size = pos
         self.pos = 0
         self.description = ("%d split pieces" % len(self.paths)) if len(self.paths) > 1 else "file"
+        self.taps = [FILE_TAPS.get(os.path.realpath(p)) for p in self.paths] if FILE_TAPS else None
 
     def segments(self, offset, n):
         """(fd, offset in that file, length) covering n bytes from offset."""
@@ -387,7 +424,23 @@ class FileSource(Segmented, Source):
         return out
 
     def read(self, n):
+        if self.taps and any(self.taps):
+            return self._tapped_read(n)
         data = self.pread(n, self.pos)
+        self.pos += len(data)
+        return data
+
+    def _tapped_read(self, n):
+        parts = []
+        for fd, off, length in self.segments(self.pos, n):
+            data = os.pread(fd, length, off)
+            tap = self.taps[self.fds.index(fd)]
+            if tap is not None:
+                tap.feed(off, data)
+            parts.append(data)
+            if len(data) < length:
+                raise ContainerError("an image file shrank while being read")
+        data = b"".join(parts)
         self.pos += len(data)
         return data
 
@@ -2855,6 +2908,11 @@ class Member:
     def reader(self, ctx):
         raise NotImplementedError
 
+    def open(self, ctx):
+        """The member's reader, made once for everything that reads it (a disk
+        and its own virtual file share a partition's reader)."""
+        return ctx.share(("member", id(self)), lambda: self.reader(ctx))
+
     def input_size(self):
         """Bytes a scan reads from disk (for progress over several members)."""
         return sum(os.path.getsize(p) for p in self.paths())
@@ -2880,6 +2938,9 @@ class ImageMember(Member):
     def _set(self, image):
         self.header = image.info()
         self.size, self.filesystem = image.size, image.filesystem
+        if image.format == "raw" and hasattr(image.stream, "peek"):
+            fs = probe_filesystem(image.stream.peek(PROBE_BYTES))
+            self.filesystem = fs.name if fs else None
         self.format, self.checksum = image.format, image.checksum
         self.has_checksums = image.checksum != "none"
         self.notes = list(image.notes)
@@ -2954,7 +3015,7 @@ class SliceMember(Member):
         self.disk.scan(SliceSink(sink, self.start, self.size), report, progress)
 
     def reader(self, ctx):
-        return SliceReader(self.disk.reader(ctx), self.start, self.size)
+        return SliceReader(self.disk.open(ctx), self.start, self.size)
 
     def input_size(self):
         return self.disk.input_size()
@@ -3053,8 +3114,14 @@ class Backup:
         """The members whose scans cover everything (a disk's slices need no scan)."""
         return self.members
 
-    def checks(self, report, say):
-        """Checks of the backup as a whole, after the scans (sums files, tables)."""
+    def checks(self, report_to, say):
+        """Checks of the backup as a whole, after the scans (sums files, tables);
+        report_to(member name or None) gives the report function."""
+
+    def tap_requests(self):
+        """{file: hash names} that checks() will want: taken from the reads
+        the scans make anyway (FILE_TAPS), so each file is read once."""
+        return {}
 
     def paths(self):
         seen = []
@@ -3228,6 +3295,675 @@ def raw_backup(member):
 
 
 BACKUP_SETS = []        # directory detectors, filled in by the backup-set sections below
+
+
+# ===========================================================================
+# Backup sets: Clonezilla and Rescuezilla image directories
+# ===========================================================================
+#
+# An image directory holds, for each saved disk D and partition P:
+#   disk, parts            the names of the disks (savedisk only) and partitions
+#   D-pt.sf                `sfdisk -d` dump: label, sector size, every partition
+#   D-pt.parted            `parted unit s print`: the only place with the disk size
+#   D-mbr                  LBA 0 (boot code, disk signature, table)
+#   D-hidden-data-after-mbr  LBA 1 up to the first partition (MBR disks, -j2)
+#   D-gpt-1st, D-gpt-2nd   LBA 0-33, and the LAST 32 sectors (LBA N-33, the first
+#                          sector of the backup entries, is not saved: it equals
+#                          LBA 2); D-gpt.gdisk the same as `sgdisk -b`
+#   P-ebr                  the first EBR of an extended partition
+#   swappt-P.info          UUID and LABEL of a swap partition (re-made by mkswap)
+#   P.<fs>-ptcl-img.<codec>[.aa ...], P.ntfs-img.aa, P.aa (partimage),
+#   P.dd-img.aa            the partition images, split into pieces
+#   MD5SUMS SHA1SUMS B2SUMS B3SUMS   `<hex>  <name>` of every top-level file
+# A restore (`ocs-sr restoredisk`) onto a zeroed disk writes the table from
+# D-pt.sf with sfdisk (EBRs included: each logical partition's EBR one grain,
+# 1 MiB, before it, the first at the extended partition's start, with CHS
+# fields of the disk's geometry), the boot code of D-mbr over LBA 0 and of
+# P-ebr over the first EBR, the hidden data at LBA 1 (-j2), every image at
+# its partition, a fresh swap header on swap partitions, zeros elsewhere:
+# that is the virtual disk, assembled on the fly.
+
+CZ_COMPRESSION = ("gz", "bz2", "xz", "lzma", "lzip", "lz", "lzo", "lz4", "lrz", "zst", "zstd",
+                  "uncomp")
+CZ_IMAGE_RE = re.compile(r"^(?:(?P<fs>[A-Za-z0-9+_]+)-ptcl-img(?:\.(?P<comp>%s))?|"
+                         r"(?P<old>[A-Za-z0-9+_]+)-img)(?:\.(?P<split>[a-z]{2,3}))?$"
+                         % "|".join(CZ_COMPRESSION))
+CZ_MARKERS = ("clonezilla-img", "parts", "disk")
+CZ_EXTENDED = ("5", "f", "85")
+
+
+def cz_read(path, binary=False):
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data if binary else data.decode("utf-8", "replace")
+
+
+def parse_sfdisk_dump(text):
+    """An `sfdisk -d` dump: (headers, [partition dicts]) with start/size in
+    sectors; new (label:, type=) and pre-2.26 (Id=) forms."""
+    headers, parts = {}, []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("/dev/") or " : " in line:
+            dev, _sep, rest = line.partition(":")
+            p = {"device": dev.strip(), "bootable": False}
+            for field in rest.split(","):
+                key, eq, value = field.strip().partition("=")
+                key = key.strip().lower()
+                if not eq:
+                    if key == "bootable":
+                        p["bootable"] = True
+                    continue
+                value = value.strip().strip('"')
+                if key in ("start", "size"):
+                    p[key] = int(value)
+                elif key in ("type", "id"):
+                    p["type"] = value.lower() if len(value) <= 2 else value.upper()
+                else:
+                    p[key] = value
+            if p.get("size") and p.get("type", "0") not in ("0",):
+                parts.append(p)
+        else:
+            key, _sep, value = line.partition(":")
+            headers[key.strip()] = value.strip()
+    return headers, parts
+
+
+def cz_number(device):
+    m = re.search(r"(\d+)$", device)
+    return int(m.group(1)) if m else None
+
+
+def chs(lba, heads, sectors):
+    """The 3-byte CHS field of an MBR entry, as fdisk fills it."""
+    c, rest = divmod(lba, heads * sectors)
+    h, s = divmod(rest, sectors)
+    if c > 1023:
+        c, h, s = 1023, heads - 1, sectors - 1
+    return bytes([h, (s + 1) | (c >> 2 & 0xC0), c & 0xFF])
+
+
+def mbr_entry(boot, ptype, start, count, geometry):
+    return (bytes([0x80 if boot else 0]) + chs(start, *geometry) + bytes([ptype]) +
+            chs(start + count - 1, *geometry) + struct.pack("<II", start, count))
+
+
+def geometry_of(mbr):
+    """Heads and sectors per track that the CHS fields of a saved MBR were
+    written with (255/63 when they do not tell)."""
+    slots = [(mbr[446 + 16 * i:462 + 16 * i]) for i in range(4)]
+    for heads, sectors in ((255, 63), (64, 32), (128, 32), (16, 63), (240, 63), (32, 32)):
+        ok = False
+        for e in slots:
+            start, count = struct.unpack_from("<II", e, 8)
+            if not e[4] or not count:
+                continue
+            if e[1:4] != chs(start, heads, sectors):
+                break
+            ok = True
+        else:
+            if ok:
+                return heads, sectors
+    return 255, 63
+
+
+def swap_header(size, uuid, label, page=4096):
+    """The first page mkswap writes: version 1, last page, UUID, label, magic."""
+    hdr = bytearray(page)
+    struct.pack_into("<III", hdr, 1024, 1, size // page - 1, 0)
+    try:
+        import uuid as uuidlib
+        hdr[1036:1052] = uuidlib.UUID(uuid).bytes if uuid else bytes(16)
+    except ValueError:
+        pass
+    hdr[1052:1068] = label.encode("utf-8")[:16].ljust(16, b"\0")
+    hdr[page - 10:page] = b"SWAPSPACE2"
+    return bytes(hdr)
+
+
+class AssembledMember(Member):
+    """A disk made of pieces: literal bytes (tables, boot code, hidden data)
+    and partition members placed at their offsets; zeros elsewhere."""
+
+    kind = "disk"
+
+    def __init__(self, name, size, pieces):
+        Member.__init__(self, name, size)
+        self.pieces = sorted(pieces, key=lambda p: p[0])     # (offset, length, bytes or Member)
+
+    def paths(self):
+        out = []
+        for _o, _n, src in self.pieces:
+            if isinstance(src, Member):
+                out += src.paths()
+        return out
+
+    def input_size(self):
+        return sum(src.input_size() for _o, _n, src in self.pieces if isinstance(src, Member))
+
+    def scan(self, sink, report, progress=None):
+        done = 0
+        for offset, length, src in self.pieces:
+            if isinstance(src, Member):
+                src.scan(ShiftSink(sink, offset, length), report,
+                         OffsetProgress(progress, done) if progress else None)
+                done += src.input_size()
+            elif sink.wants_data and src.strip(b"\0"):
+                sink.write(offset, src[:length])
+        return None
+
+    def reader(self, ctx):
+        parts = [(o, n, src.open(ctx) if isinstance(src, Member) else src)
+                 for o, n, src in self.pieces]
+        return ComposedReader(self.size, parts)
+
+
+class ComposedReader(ReadIntoMixin):
+    """Random access to a disk assembled from pieces (see AssembledMember)."""
+
+    def __init__(self, size, pieces):
+        self.size, self.pieces = size, pieces
+        self.starts = [o for o, _n, _s in pieces]
+        self.how = "; ".join(p.how for _o, _n, p in pieces if getattr(p, "how", ""))
+
+    def readinto(self, offset, out):
+        end, pos = offset + len(out), offset
+        i = max(0, bisect.bisect_right(self.starts, offset) - 1)
+        while pos < end:
+            if i >= len(self.pieces) or self.pieces[i][0] >= end:
+                zero_fill(out[pos - offset:])
+                return
+            start, length, src = self.pieces[i]
+            if start + length <= pos:
+                i += 1
+                continue
+            if start > pos:
+                zero_fill(out[pos - offset:start - offset])
+                pos = start
+            b = min(end, start + length)
+            dst = out[pos - offset:b - offset]
+            if isinstance(src, (bytes, bytearray)):
+                piece = src[pos - start:b - start]
+                dst[:len(piece)] = piece
+                if len(piece) < len(dst):
+                    zero_fill(dst[len(piece):])
+            else:
+                have = max(0, min(b, start + src.size) - pos)   # an image shorter than its partition
+                if have:
+                    src.readinto(pos - start, dst[:have])
+                if have < len(dst):
+                    zero_fill(dst[have:])
+            pos = b
+            i += 1
+
+
+class ClonezillaBackup(Backup):
+    """A Clonezilla or Rescuezilla image directory (see the section comment)."""
+
+    format = "clonezilla"
+
+    def __init__(self, path, fmt=None):
+        self.dir = path
+        self.names = sorted(os.listdir(path))
+        self.fmt = fmt
+        self.problems = []                 # found while reading the directory
+        self.checked, self.unchecked = [], []
+        self.disk_names = (cz_read(os.path.join(path, "disk")) or "").split()
+        self.part_names = (cz_read(os.path.join(path, "parts")) or "").split()
+        self.tables = {}                   # disk -> (headers, partitions, size, sector size)
+        for name in self.names:
+            if name.endswith("-pt.sf"):
+                self._read_table(name[:-len("-pt.sf")])
+        members, self.entries = [], []
+        for part in self._partition_names():
+            self.entries.append(self._entry(part))
+        self.entries.sort(key=lambda e: (e.get("disk") or "~", e.get("start", 1 << 62), e["name"]))
+        parts = [e["member"] for e in self.entries if e.get("member")]
+        for disk in self.disk_names:
+            members.append(self._disk(disk))
+        Backup.__init__(self, path, members + parts)
+
+    # --- what the directory says ------------------------------------------
+    def _read_table(self, disk):
+        text = cz_read(os.path.join(self.dir, disk + "-pt.sf")) or ""
+        headers, parts = parse_sfdisk_dump(text)
+        ss = int(headers.get("sector-size", "512") or 512)
+        parted = cz_read(os.path.join(self.dir, disk + "-pt.parted")) or ""
+        m = re.search(r"^Sector size \(logical/physical\): (\d+)B", parted, re.M)
+        if m:
+            ss = int(m.group(1))
+        m = re.search(r"^Disk /dev/\S+: (\d+)s\s*$", parted, re.M)
+        size = int(m.group(1)) * ss if m else None
+        if size is None and headers.get("label") == "gpt":
+            g = cz_read(os.path.join(self.dir, disk + "-gpt-1st"), True)
+            if g and g[512:520] == b"EFI PART":
+                size = (struct.unpack_from("<Q", g, 512 + 32)[0] + 1) * ss
+        if size is None and parts:
+            size = max(p["start"] + p["size"] for p in parts) * ss
+        if not text.strip():
+            self.problems.append("%s-pt.sf is empty: the save could not read the partition "
+                                 "table, so disk %s cannot be laid out" % (disk, disk))
+        self.tables[disk] = (headers, parts, size, ss)
+
+    def _partition_names(self):
+        names = list(self.part_names)
+        for disk, (_h, parts, _s, _ss) in self.tables.items():
+            for p in parts:
+                dev = p["device"][5:].replace("/", "-") if p["device"].startswith("/dev/") \
+                    else p["device"]
+                if dev not in names:
+                    names.append(dev)         # swap and extended are not in `parts`
+        for name in self.names:               # LVM volumes and strays with an image
+            m = re.match(r"^(.+?)\.([A-Za-z0-9+_]+-ptcl-img|[A-Za-z0-9+_]+-img)", name)
+            if m and m.group(1) not in names:
+                names.append(m.group(1))
+        return names
+
+    def _place(self, part):
+        """(disk, sfdisk line) of a partition, when a table lists it."""
+        for disk, (_h, parts, _s, _ss) in self.tables.items():
+            for p in parts:
+                dev = p["device"][5:].replace("/", "-") if p["device"].startswith("/dev/") \
+                    else p["device"]
+                if dev == part:
+                    return disk, p
+        return None, None
+
+    def _image_file(self, part):
+        """The first piece of a partition's image, and what its name says."""
+        prefix = part + "."
+        for name in self.names:
+            if not name.startswith(prefix):
+                continue
+            rest = name[len(prefix):]
+            if re.match(r"^a{2,3}$", rest):                       # partimage: sda1.aa
+                return name, {"fs": None, "comp": None, "legacy": "partimage"}
+            m = CZ_IMAGE_RE.match(rest)
+            if m and (m.group("split") is None or set(m.group("split")) == {"a"}):
+                return name, {"fs": m.group("fs") or m.group("old"), "comp": m.group("comp"),
+                              "legacy": m.group("old")}
+        return None, None
+
+    def _entry(self, part):
+        disk, line = self._place(part)
+        e = {"name": part, "disk": disk, "line": line, "member": None, "reason": None}
+        ss = self.tables[disk][3] if disk else 512
+        if line:
+            e["start"], e["size"] = line["start"] * ss, line["size"] * ss
+            e["number"], e["type"] = cz_number(line["device"]), line.get("type")
+        image, named = self._image_file(part)
+        e["file"], e["named"] = image, named
+        if image is None:
+            e["reason"] = self._no_image_reason(part, line)
+            return e
+        try:
+            fmt = "raw" if named and named["fs"] in ("dd",) else None
+            m = ImageMember(os.path.join(self.dir, image), name=part, fmt=fmt)
+        except VimageError as err:
+            e["reason"] = "image unreadable: %s" % err
+            e["error"] = err
+            return e
+        m.number, m.start = e.get("number"), e.get("start")
+        m.files_dir = part
+        e["member"] = m
+        return e
+
+    def _no_image_reason(self, part, line):
+        ptype = (line or {}).get("type", "")
+        if ptype in CZ_EXTENDED:
+            return "extended partition (only its first EBR is saved)"
+        if ptype in ("82", "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F") or \
+                os.path.exists(os.path.join(self.dir, "swappt-%s.info" % part)):
+            return "swap (re-made by mkswap on restore)"
+        lvm = cz_read(os.path.join(self.dir, "lvm_vg_dev.list")) or ""
+        if re.search(r"/dev/%s(\s|$)" % re.escape(part), lvm):
+            return "LVM physical volume (its logical volumes are imaged instead)"
+        if part in self.part_names:
+            return "listed in parts, but no image file was found"
+        return "not saved"
+
+    # --- the virtual disk -------------------------------------------------
+    def _disk(self, disk):
+        if disk not in self.tables:
+            raise FormatError("%s: disk %s has no %s-pt.sf" % (self.dir, disk, disk))
+        headers, lines, size, ss = self.tables[disk]
+        if not size:
+            raise FormatError("%s: the size of disk %s is unknown (empty %s-pt.parted and "
+                              "%s-pt.sf)" % (self.dir, disk, disk, disk))
+        pieces = []
+        mbr = cz_read(os.path.join(self.dir, disk + "-mbr"), True) or bytes(512)
+        if headers.get("label") == "gpt":
+            pieces += self._gpt_pieces(disk, mbr, size, ss)
+        else:
+            pieces += self._mbr_pieces(disk, mbr, headers, lines, ss)
+        for e in self.entries:
+            if e["disk"] != disk or "start" not in e:
+                continue
+            if e["member"] is not None:
+                pieces.append((e["start"], e["size"], e["member"]))
+            elif e["reason"] and e["reason"].startswith("swap"):
+                info = cz_read(os.path.join(self.dir, "swappt-%s.info" % e["name"])) or ""
+                kv = dict(re.findall(r'^(\w+)="?([^"\n]*)"?', info, re.M))
+                pieces.append((e["start"], 4096, swap_header(e["size"], kv.get("UUID"),
+                                                             kv.get("LABEL", ""))))
+        pieces = self._no_overlaps(disk, pieces)
+        return AssembledMember(disk, size, pieces)
+
+    def _no_overlaps(self, disk, pieces):
+        pieces.sort(key=lambda p: p[0])
+        out = []
+        for p in pieces:
+            if out and p[0] < out[-1][0] + out[-1][1]:
+                self.problems.append("%s: pieces overlap at byte %d" % (disk, p[0]))
+                continue
+            out.append(p)
+        return out
+
+    def _mbr_pieces(self, disk, mbr, headers, lines, ss):
+        geometry = geometry_of(mbr)
+        table = bytearray(mbr[:512].ljust(512, b"\0"))
+        primaries = [p for p in lines if cz_number(p["device"]) and cz_number(p["device"]) <= 4]
+        want = bytearray(64)
+        for p in primaries:
+            slot = cz_number(p["device"]) - 1
+            want[16 * slot:16 * slot + 16] = mbr_entry(p["bootable"], int(p["type"], 16),
+                                                       p["start"], p["size"], geometry)
+        saved = _mbr_entries(bytes(table))
+        if [(t, s, c) for _n, _f, t, s, c in saved] != \
+                [(want[16 * i + 4], struct.unpack_from("<I", want, 16 * i + 8)[0],
+                  struct.unpack_from("<I", want, 16 * i + 12)[0]) for i in range(4)]:
+            table[446:510] = want               # the saved MBR disagrees with pt.sf: sfdisk's
+        if headers.get("label-id", "").startswith("0x"):
+            struct.pack_into("<I", table, 440, int(headers["label-id"], 16))
+        table[510:512] = b"\x55\xaa"
+        pieces = [(0, ss, bytes(table[:ss]) if ss == 512 else bytes(table).ljust(ss, b"\0"))]
+        hidden = cz_read(os.path.join(self.dir, disk + "-hidden-data-after-mbr"), True)
+        first = min([p["start"] for p in lines] or [0])
+        if hidden and first > 1:
+            pieces.append((ss, min(len(hidden), (first - 1) * ss), hidden[:(first - 1) * ss]))
+        ext = next((p for p in primaries if p["type"] in CZ_EXTENDED), None)
+        logicals = sorted((p for p in lines if (cz_number(p["device"]) or 0) > 4),
+                          key=lambda p: p["start"])
+        if ext is not None:
+            pieces += self._ebr_pieces(disk, ext, logicals, headers, ss, geometry)
+        return pieces
+
+    def _ebr_pieces(self, disk, ext, logicals, headers, ss, geometry):
+        """The EBR chain sfdisk writes (see the section comment)."""
+        grain = int(headers.get("grain", str(MiB)) or MiB) // ss
+        ebrs = []
+        for i, p in enumerate(logicals):
+            ebrs.append(ext["start"] if i == 0 else max(p["start"] - grain,
+                                                         logicals[i - 1]["start"] +
+                                                         logicals[i - 1]["size"]))
+        pieces = []
+        ext_dev = ext["device"][5:].replace("/", "-") if ext["device"].startswith("/dev/") \
+            else ext["device"]
+        boot = cz_read(os.path.join(self.dir, ext_dev + "-ebr"), True) or b""
+        for i, p in enumerate(logicals):
+            sector = bytearray(512)
+            if i == 0:
+                sector[:446] = boot[:446].ljust(446, b"\0")
+            sector[446:462] = mbr_entry(p["bootable"], int(p["type"], 16), p["start"],
+                                        p["size"], geometry)
+            struct.pack_into("<I", sector, 446 + 8, p["start"] - ebrs[i])
+            if i + 1 < len(logicals):
+                nxt = logicals[i + 1]
+                link = mbr_entry(False, 5, ebrs[i + 1], nxt["start"] + nxt["size"] - ebrs[i + 1],
+                                 geometry)
+                sector[462:478] = link
+                struct.pack_into("<I", sector, 462 + 8, ebrs[i + 1] - ext["start"])
+            sector[510:512] = b"\x55\xaa"
+            pieces.append((ebrs[i] * ss, ss, bytes(sector).ljust(ss, b"\0")))
+        return pieces
+
+    def _gpt_pieces(self, disk, mbr, size, ss):
+        first = cz_read(os.path.join(self.dir, disk + "-gpt-1st"), True)
+        second = cz_read(os.path.join(self.dir, disk + "-gpt-2nd"), True)
+        gdisk = cz_read(os.path.join(self.dir, disk + "-gpt.gdisk"), True)
+        if first is None and gdisk is not None and len(gdisk) >= 1536:
+            first = gdisk[:512] + gdisk[512:1024] + gdisk[1536:]
+        if first is None:
+            raise FormatError("%s: GPT disk %s has neither %s-gpt-1st nor %s-gpt.gdisk"
+                              % (self.dir, disk, disk, disk))
+        lba0 = mbr[:446] + first[446:512] if len(mbr) >= 446 else first[:512]
+        pieces = [(0, len(first), lba0 + first[512:])]
+        n = size // ss
+        if second is not None and len(second) == 32 * 512 and ss == 512:
+            # the save skipped LBA N-33, the first sector of the backup entries
+            pieces.append(((n - 33) * ss, 33 * ss, first[1024:1536] + second))
+        elif second is not None:
+            pieces.append((size - len(second), len(second), second))
+        elif gdisk is not None and len(gdisk) >= 1536:
+            entries = gdisk[1536:]
+            pieces.append((size - ss - len(entries), len(entries) + ss, entries + gdisk[1024:1536]))
+        else:
+            self.problems.append("%s: no backup GPT was saved; the virtual disk has none"
+                                 % disk)
+        return pieces
+
+    # --- what commands see --------------------------------------------------
+    def describe(self):
+        parts = self.partitions()
+        text = "%s image directory, %s, %d partition images" % (
+            self.saved_by()[0], ", ".join("disk %s %s" % (d.name, human(d.size))
+                                          for d in self.disks()) or "no disk (saveparts)",
+            len(parts))
+        comps = sorted({m.header.get("compression") or "uncompressed" for m in parts})
+        return text + (" (%s)" % ", ".join(comps) if comps else "")
+
+    def saved_by(self):
+        """(tool and version, when, command)."""
+        head = cz_read(os.path.join(self.dir, "clonezilla-img")) or ""
+        first = head.splitlines()[0] if head else ""
+        m = re.search(r"saved by (Clonezilla|Rescuezilla) at (.+?)\.?\s*$", first)
+        tool = m.group(1) if m else "Clonezilla"
+        when = m.group(2) if m else None
+        pkgs = cz_read(os.path.join(self.dir, "Info-packages.txt")) or ""
+        if "Rescuezilla" in pkgs:
+            tool = "Rescuezilla"
+        v = re.search(r"\b%s-(\d[\w.+~-]*)" % tool.lower(), pkgs)
+        if v:
+            tool += " " + v.group(1)
+        cmd = (cz_read(os.path.join(self.dir, "Info-saved-by-cmd.txt")) or "").strip() or None
+        return tool, when, cmd
+
+    def default_member(self):
+        disks = self.disks()
+        if not disks:
+            raise VimageError("%s was saved with saveparts: it holds no disk, only partitions; "
+                              "name one with --partition (%s)"
+                              % (self.dir, ", ".join(m.name for m in self.partitions())))
+        return Backup.default_member(self)
+
+    def verify_members(self):
+        return self.partitions()
+
+    def checks(self, report_to, say):
+        cz_checks(self, report_to, say)
+
+    def tap_requests(self):
+        wants = {}
+        for sums in SUMS_FILES:
+            text = cz_read(os.path.join(self.dir, sums))
+            for line in (text or "").splitlines():
+                parts = line.strip().split(None, 1)
+                if len(parts) == 2 and hash_factory(SUMS_ALGOS[sums]) is not None:
+                    wants.setdefault(os.path.join(self.dir, parts[1].lstrip("*")),
+                                     set()).add(SUMS_ALGOS[sums])
+        return wants
+
+    def info(self):
+        tool, when, cmd = self.saved_by()
+        disks = []
+        for d in self.disk_names or sorted(self.tables):
+            headers, _lines, size, ss = self.tables.get(d, ({}, [], None, 512))
+            disks.append({"name": d, "size": size, "label": headers.get("label"),
+                          "sector_size": ss, "id": headers.get("label-id"),
+                          "saved_as_disk": d in self.disk_names})
+        parts = []
+        for e in self.entries:
+            m = e["member"]
+            named = e["named"] or {}
+            parts.append({
+                "name": e["name"], "disk": e["disk"], "number": e.get("number"),
+                "start": e.get("start"), "size": e.get("size"), "type": e.get("type"),
+                "filesystem": (named.get("fs") if named.get("fs") not in (None, "dd") else None)
+                or (m.filesystem if m else None),
+                "image": e["file"], "format": m.format if m else None,
+                "compression": m.header.get("compression") if m else named.get("comp"),
+                "pieces": m.header.get("pieces") if m else None,
+                "checksum": m.checksum if m else None,
+                "image_size": m.size if m else None, "reason": e["reason"]})
+        d = {"format": "clonezilla", "path": self.dir, "saved_by": tool, "saved_at": when,
+             "command": cmd, "partitions": parts,
+             "checksum_files": [n for n in SUMS_FILES if n in self.names]}
+        if len(disks) == 1 and self.disk_names:
+            d["disk"] = disks[0]
+        else:
+            d["disks"] = disks
+        if not self.disk_names:
+            d["note"] = "saved with saveparts: no disk to assemble"
+        if self.problems:
+            d["problems"] = list(self.problems)
+        return d
+
+
+SUMS_FILES = ("MD5SUMS", "SHA1SUMS", "B2SUMS", "B3SUMS")
+
+
+def detect_clonezilla(path, fmt=None, **_options):
+    names = os.listdir(path)
+    if not (any(n in names for n in CZ_MARKERS) or
+            any("-ptcl-img" in n or n.endswith("-pt.sf") for n in names)):
+        return None
+    for enc in ("ecryptfs.info", "gocryptfs.info"):
+        if enc in names:
+            raise FormatError("%s is an encrypted Clonezilla image (%s): every file in it is "
+                              "ciphertext; decrypt it with Clonezilla first" % (path, enc))
+    if "00-pseudo-img-note.txt" in names:
+        raise FormatError("%s is a Clonezilla pseudo image (made for a multicast or "
+                          "BitTorrent restore from a device): it holds no data" % path)
+    return ClonezillaBackup(path, fmt)
+
+
+BACKUP_SETS.insert(0, detect_clonezilla)
+
+
+SUMS_ALGOS = {"MD5SUMS": "md5", "SHA1SUMS": "sha1", "B2SUMS": "blake2b", "B3SUMS": "blake3"}
+
+
+def cz_checks(backup, report_to, say):
+    """verify of an image directory beyond its partition images: the sums
+    files, the saved tables against each other and against the images."""
+    for problem in backup.problems:
+        report_to(None)(Problem("structure", problem))
+    for e in backup.entries:
+        if e.get("error") is not None:
+            report_to(e["name"])(Problem("missing", str(e["error"])))
+    _cz_table_checks(backup, report_to(None))
+    _cz_sums_checks(backup, report_to(None))
+
+
+def _cz_table_checks(backup, report):
+    for disk, (headers, lines, size, ss) in sorted(backup.tables.items()):
+        if headers.get("label") == "gpt":
+            for name, hdr_at, entries_at in (("-gpt-1st", 512, 1024), ("-gpt.gdisk", 512, 1536),
+                                             ("-gpt.gdisk", 1024, 1536)):
+                raw = cz_read(os.path.join(backup.dir, disk + name), True)
+                if raw is None or len(raw) < hdr_at + 92:
+                    continue
+                hdr, problems = _gpt_header(raw[hdr_at:hdr_at + 512], 512, disk + name)
+                for p in problems:
+                    report(Problem("checksum" if "CRC" in p else "structure", p))
+                if hdr and len(raw) >= entries_at + hdr["count"] * hdr["esize"] and \
+                        zlib.crc32(raw[entries_at:entries_at + hdr["count"] * hdr["esize"]]) \
+                        != hdr["ecrc"]:
+                    report(Problem("checksum", "%s%s: the GPT entry array does not match its CRC"
+                                   % (disk, name)))
+            backup.checked.append("GPT header and entry CRCs of %s" % disk)
+        for e in backup.entries:
+            m = e["member"]
+            if e["disk"] != disk or m is None or m.size is None or "size" not in e:
+                continue
+            if m.size > e["size"]:
+                report(Problem("structure", "%s: the image holds %d bytes, but %s-pt.sf gives "
+                               "the partition %d" % (e["name"], m.size, disk, e["size"])))
+        if lines:
+            backup.checked.append("%s-pt.sf partition sizes against the images" % disk)
+
+
+def _cz_sums_checks(backup, report):
+    listed = set()
+    for sums in SUMS_FILES:
+        text = cz_read(os.path.join(backup.dir, sums))
+        if text is None:
+            continue
+        algo = SUMS_ALGOS[sums]
+        hasher = hash_factory(algo)
+        if hasher is None:
+            backup.unchecked.append("%s (BLAKE3): the Python package 'blake3' is not installed "
+                                    "(pip install blake3)" % sums)
+            continue
+        bad = n = 0
+        for lineno, line in enumerate(text.splitlines(), 1):
+            parts = line.strip().split(None, 1)
+            if len(parts) != 2:
+                continue
+            want, name = parts[0].lower(), parts[1].lstrip("*")
+            listed.add(name)
+            n += 1
+            got = file_digest(os.path.join(backup.dir, name), algo)
+            if got is None:
+                report(Problem("missing", "%s line %d: %s is missing" % (sums, lineno, name)))
+                bad += 1
+            elif got != want:
+                report(Problem("checksum", "%s line %d: %s does not match its %s"
+                               % (sums, lineno, name, algo.upper())))
+                bad += 1
+        backup.checked.append("%d files against %s" % (n, sums))
+    if listed:
+        for e in backup.entries:
+            m = e["member"]
+            for p in (m.paths() if m else []):
+                if os.path.basename(p) not in listed:
+                    report(Problem("structure", "%s is in no checksum file (an extra piece?)"
+                                   % os.path.basename(p)))
+
+
+def hash_factory(algo):
+    """A new hash object of `algo`, or None when its package is missing (blake3)."""
+    if algo == "blake3":
+        b3 = optional_module("blake3")
+        return (lambda: b3.blake3()) if b3 is not None else None
+    import hashlib
+    return lambda: hashlib.new(algo)
+
+
+def file_digest(path, algo):
+    """Hex digest of a whole file: from the hashes its scan already took
+    (FILE_TAPS), else by reading it now.  None when it cannot be read."""
+    tap = FILE_TAPS.get(os.path.realpath(path))
+    if tap is not None:
+        digest = tap.hexdigest(algo)
+        if digest is not None:
+            return digest
+    h = hash_factory(algo)()
+    try:
+        with open(path, "rb") as f:
+            while True:
+                data = f.read(CHUNK)
+                if not data:
+                    break
+                h.update(data)
+    except OSError:
+        return None
+    return h.hexdigest()
 
 
 # ===========================================================================
@@ -3786,11 +4522,11 @@ class ChunkBackup(Backup):
                            if d != 0} - {None}) or None,
                 "hash": self.volume.hashtype, "volumes": vols}
 
-    def checks(self, report, say):
+    def checks(self, report_to, say):
         if not self.archive.v3:
             return
         for problem in v3_chain_problems(self.archive, self.volume):
-            report(Problem("checksum", problem))
+            report_to(None)(Problem("checksum", problem))
         self.checked.append("the format-3 metadata hash chain")
 
 
@@ -5759,6 +6495,8 @@ def cmd_verify(args):
         several = len(members) > 1
         say(args, "%s: %s" % (args.image, backup_line(backup)))
         findings = Findings(several)
+        for path, algos in backup.tap_requests().items():
+            FILE_TAPS[os.path.realpath(path)] = FileTap(path, algos)
         total = sum(m.input_size() for m in members) if args.image != "-" else None
         progress = Progress(total, "verify", args.quiet)
         start = time.monotonic()
@@ -5778,11 +6516,12 @@ def cmd_verify(args):
                     print("%s: %s: %s" % (m.name, "FAILED" if bad else VERDICT[level],
                                           summary_of(bad) if bad else what), flush=True)
                 done_before += m.input_size() if total else 0
-            backup.checks(findings.reporter(None), lambda text: say(args, text))
+            backup.checks(findings.reporter, lambda text: say(args, text))
         finally:
             progress.close()
         took = time.monotonic() - start
     finally:
+        FILE_TAPS.clear()
         backup.close()
     checked = list(getattr(backup, "checked", []))     # the backup's own sums and tables
     unchecked = list(getattr(backup, "unchecked", []))
@@ -5798,7 +6537,8 @@ def cmd_verify(args):
     if several:
         words = ["%d of %d %s %s" % (sum(1 for _m, l, _w in covered if l == level), len(covered),
                                      "partitions" if backup.partitions() else "members",
-                                     VERDICT[level].lower())
+                                     {"full": "verified", "partial": "partly verified",
+                                      "none": "not verified"}[level])
                  for level in ("full", "partial", "none") if any(l == level for _m, l, _w in covered)]
     else:
         words = [covered[0][2]] if covered else []
@@ -6071,7 +6811,7 @@ def mount_summary(args, backup, plan, fuse_dir, took):
         fstype = plan.fstypes[name]
         lines.append("virtual %s: %s (%d bytes%s)" % (
             m.kind, os.path.join(fuse_dir, name), part.size, ", %s" % fstype if fstype else ""))
-        if getattr(part, "how", "") and not isinstance(part, SliceReader):
+        if getattr(part, "how", "") and not isinstance(part, (SliceReader, ComposedReader)):
             lines.append("reading: %s" % part.how)
     if took >= 0.05:
         lines.append("ready in %.1f s (index pass included)" % took)
@@ -6109,7 +6849,7 @@ def cmd_mount(args):
                       index_memory=args.index_memory, cache_dir=args.cache_dir,
                       keep_cache=args.keep_cache, index_file=args.index)
     try:
-        readers = OrderedDict((m.name, m.reader(ctx)) for m in backup.members)
+        readers = OrderedDict((m.name, m.open(ctx)) for m in backup.members)
         plan = MountPlan(backup, readers, args)
     except BaseException:
         ctx.close(True)
