@@ -179,6 +179,7 @@ class Progress:
         self._last = 0.0
         self._start = time.monotonic()
         self.enabled = not quiet and sys.stderr.isatty()
+        self._lock = threading.Lock()
         if self.enabled:
             tqdm = optional_module("tqdm")
             if tqdm is not None:
@@ -188,6 +189,10 @@ class Progress:
     def update_to(self, done):
         if not self.enabled:
             return
+        with self._lock:
+            self._update(done)
+
+    def _update(self, done):
         if self._bar is not None:
             self._bar.update(done - self.done)
             self.done = done
@@ -211,9 +216,40 @@ class Progress:
             return
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
         else:
             sys.stderr.write("\r" + " " * 79 + "\r")
             sys.stderr.flush()
+
+
+class SharedProgress:
+    """One progress display for passes that run side by side in threads: each
+    pass gets a part() that reports its own bytes; the display shows the sum."""
+
+    def __init__(self, total, desc, quiet=False):
+        self.bar = Progress(total, desc, quiet)
+        self.done = {}
+        self.lock = threading.Lock()
+
+    def part(self, total=None, desc=None):
+        return _ProgressPart(self)
+
+    def close(self):
+        self.bar.close()
+
+
+class _ProgressPart:
+    def __init__(self, shared):
+        self.shared = shared
+
+    def update_to(self, done):
+        with self.shared.lock:
+            self.shared.done[id(self)] = done
+            total = sum(self.shared.done.values())
+        self.shared.bar.update_to(total)
+
+    def close(self):
+        pass
 
 
 # ===========================================================================
@@ -2865,12 +2901,40 @@ class OpenContext:
         self.copts = copts
         self.progress = progress
         self.shared = {}
+        self.lock = threading.Lock()
         self.closers = []
 
     def share(self, key, make):
-        if key not in self.shared:
-            self.shared[key] = make()
-        return self.shared[key]
+        with self.lock:
+            slot = self.shared.get(key)
+            if slot is None:
+                slot = self.shared[key] = [threading.Lock(), None]
+        with slot[0]:                       # made once, even by threads side by side
+            if slot[1] is None:
+                slot[1] = make()
+        return slot[1]
+
+    def open_all(self, members):
+        """Every member's reader; the partition images' passes (decompression
+        and indexing) run side by side, one per core, with one progress display."""
+        images = [m for m in members if isinstance(m, ImageMember)]
+        if len(images) > 1 and self.progress is None:
+            shared = SharedProgress(sum(m.input_size() for m in images), "index", self.quiet)
+            self.copts["progress"] = lambda total, desc: shared.part()
+        else:
+            shared = None
+        try:
+            workers = min(len(images), os.cpu_count() or 1, 4)
+            if workers > 1:
+                from concurrent.futures import ThreadPoolExecutor
+                with ThreadPoolExecutor(workers) as pool:
+                    for future in [pool.submit(m.open, self) for m in images]:
+                        future.result()
+            return OrderedDict((m.name, m.open(self)) for m in members)
+        finally:
+            if shared is not None:
+                shared.close()
+                self.copts.pop("progress", None)
 
     def close(self, remove=True):
         while self.closers:
@@ -3075,6 +3139,7 @@ class Backup:
     """What an input holds: members (disks first), and its own checks."""
 
     format = None
+    noun = "partitions"          # what verify counts
 
     def __init__(self, path, members):
         self.path, self.members = path, members
@@ -4483,6 +4548,7 @@ class ChunkBackup(Backup):
         self.archive, self.volumes, self.volume, self.session = archive, volumes, volume, session
         self.format = archive.format
         self.all_sessions = all_sessions
+        self.noun = "sessions" if all_sessions else "volumes"
         Backup.__init__(self, path, [ChunkMember(volume, session)])
         self.checked, self.unchecked = [], []
 
@@ -5847,13 +5913,14 @@ class IndexSink:
 class NtfsPartition(ReadIntoMixin):
     """Random access to an ntfsclone image on plain files (after one index pass)."""
 
-    def __init__(self, image, source, quiet=False):
+    def __init__(self, image, source, quiet=False, progress=None):
         self.image, self.source = image, source
         self.size, self.cs = image.size, image.block_size
         self.rec = self.cs + 1
         self.index = RunIndex(self.rec)
         problems = []
-        progress = Progress(image.stream.input_size, "index", quiet)
+        progress = (progress or (lambda total, desc: Progress(total, desc, quiet)))(
+            image.stream.input_size, "index")
         try:
             image.scan_all(IndexSink(self.index), problems.append, progress)
         finally:
@@ -5997,7 +6064,14 @@ def open_random(path, copts, quiet):
         return cf, None
     if cf.mode == "cache":
         cf.announce_cache(estimate_cache_need(files, codec))
-    return cf, PassSource(cf, Progress(files.size, "index %s" % os.path.basename(path), quiet))
+    return cf, PassSource(cf, progress_of(copts, quiet)(files.size,
+                                                        "index %s" % os.path.basename(path)))
+
+
+def progress_of(copts, quiet):
+    """The progress maker of a pass: the shared display of a mount of several
+    images, else a display of its own."""
+    return copts.get("progress") or (lambda total, desc: Progress(total, desc, quiet))
 
 
 def open_partition(path, index_bits=DEFAULT_INDEX_BITS, verify_reads=False, quiet=False,
@@ -6038,7 +6112,7 @@ def open_partition(path, index_bits=DEFAULT_INDEX_BITS, verify_reads=False, quie
         if isinstance(image, NtfscloneImage):
             if verify_reads:
                 raise VimageError("--verify-reads: ntfsclone images have no checksums")
-            part = NtfsPartition(image, src, quiet or passer is not None)
+            part = NtfsPartition(image, src, quiet or passer is not None, copts.get("progress"))
         if passer is not None:
             passer.drain()
             passer.progress.close()
@@ -6498,24 +6572,32 @@ def cmd_verify(args):
         for path, algos in backup.tap_requests().items():
             FILE_TAPS[os.path.realpath(path)] = FileTap(path, algos)
         total = sum(m.input_size() for m in members) if args.image != "-" else None
-        progress = Progress(total, "verify", args.quiet)
+        progress = SharedProgress(total, "verify", args.quiet)
         start = time.monotonic()
-        done_before, covered = 0, []        # (member, level, words)
+
+        def scan(m):
+            report = findings.reporter(m.name)
+            try:
+                image = m.scan(NullSink(), report, progress.part())
+                level, what = image.coverage() if image is not None else ("full", "verified")
+            except VimageError as e:
+                report(Problem("unreadable", str(e)))
+                level, what = "none", "not read to the end"
+            if several:
+                bad = findings.of(m.name)
+                print("%s: %s: %s" % (m.name, "FAILED" if bad else VERDICT[level],
+                                      summary_of(bad) if bad else what), flush=True)
+            return m, level, what
         try:
-            for m in members:
-                report = findings.reporter(m.name)
-                try:
-                    image = m.scan(NullSink(), report, OffsetProgress(progress, done_before))
-                    level, what = image.coverage() if image is not None else ("full", "verified")
-                except VimageError as e:
-                    report(Problem("unreadable", str(e)))
-                    level, what = "none", "not read to the end"
-                covered.append((m, level, what))
-                if several:
-                    bad = findings.of(m.name)
-                    print("%s: %s: %s" % (m.name, "FAILED" if bad else VERDICT[level],
-                                          summary_of(bad) if bad else what), flush=True)
-                done_before += m.input_size() if total else 0
+            # several images are checked side by side, one per core (the
+            # decompressors and hashes release the GIL)
+            workers = min(len(members), os.cpu_count() or 1, 4)
+            if workers > 1:
+                from concurrent.futures import ThreadPoolExecutor
+                with ThreadPoolExecutor(workers) as pool:
+                    covered = list(pool.map(scan, members))
+            else:
+                covered = [scan(m) for m in members]
             backup.checks(findings.reporter, lambda text: say(args, text))
         finally:
             progress.close()
@@ -6536,7 +6618,7 @@ def cmd_verify(args):
     size = sum(m.size or 0 for m in members)
     if several:
         words = ["%d of %d %s %s" % (sum(1 for _m, l, _w in covered if l == level), len(covered),
-                                     "partitions" if backup.partitions() else "members",
+                                     backup.noun,
                                      {"full": "verified", "partial": "partly verified",
                                       "none": "not verified"}[level])
                  for level in ("full", "partial", "none") if any(l == level for _m, l, _w in covered)]
@@ -6845,11 +6927,14 @@ def cmd_mount(args):
         raise VimageError("--files loop-mounts the file systems and needs root")
     start = time.monotonic()
     backup = open_input(args)
+    if args.index and sum(isinstance(m, ImageMember) for m in backup.members) > 1:
+        raise VimageError("--index names the index of one image; %s holds several (their "
+                          "indexes go to the cache directory)" % args.image)
     ctx = OpenContext(args.index_size, args.verify_reads, args.quiet,
                       index_memory=args.index_memory, cache_dir=args.cache_dir,
                       keep_cache=args.keep_cache, index_file=args.index)
     try:
-        readers = OrderedDict((m.name, m.open(ctx)) for m in backup.members)
+        readers = ctx.open_all(backup.members)
         plan = MountPlan(backup, readers, args)
     except BaseException:
         ctx.close(True)
