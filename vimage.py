@@ -371,7 +371,13 @@ class FileTap:
 
 
 class Segmented:
-    """Thread-safe random reads over a list of file segments (see segments())."""
+    """Thread-safe random reads over a list of file segments (see segments()).
+
+    With `watch` set (a mount), every read also checks that the files are
+    still the ones opened: an image file that was rewritten, resized or
+    deleted meanwhile gives EIO instead of a mix of old and new bytes."""
+
+    watch = False
 
     def pread(self, n, offset):
         """Up to n bytes at offset (short only at the end)."""
@@ -379,8 +385,10 @@ class Segmented:
         for fd, off, length in self.segments(offset, n):
             data = os.pread(fd, length, off)
             parts.append(data)
+            if self.watch:
+                self.check(fd)
             if len(data) < length:
-                raise ContainerError("an image file shrank while being read")
+                raise OSError(errno.EIO, "an image file shrank while being read")
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def preadv_into(self, bufs, offset):
@@ -404,7 +412,10 @@ class Segmented:
             for k in range(0, len(batch), IOV_MAX):
                 part = batch[k:k + IOV_MAX]
                 want = sum(len(x) for x in part)
-                if os.preadv(fd, part, off) != want:
+                got = os.preadv(fd, part, off)
+                if self.watch:
+                    self.check(fd)
+                if got != want:
                     raise OSError(errno.EIO, "image is truncated")
                 off += want
             total -= length
@@ -420,12 +431,14 @@ class FileSource(Segmented, Source):
     def __init__(self, paths):
         self.paths = list(paths)
         self.fds, self.starts = [], []
+        self.opened, self.changed = {}, set()
         pos = 0
         try:
             for p in self.paths:
                 fd = os.open(p, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
                 self.fds.append(fd)
                 st = os.fstat(fd)
+                self.opened[fd] = (st.st_size, st.st_mtime_ns)
                 if stat.S_ISDIR(st.st_mode):
                     raise ContainerError("%s is a directory, not an image" % p)
                 size = st.st_size
@@ -443,6 +456,17 @@ class FileSource(Segmented, Source):
         self.pos = 0
         self.description = ("%d split pieces" % len(self.paths)) if len(self.paths) > 1 else "file"
         self.taps = [FILE_TAPS.get(os.path.realpath(p)) for p in self.paths] if FILE_TAPS else None
+
+    def check(self, fd):
+        """EIO (and one log line) once the file behind fd is not the one opened."""
+        st = os.fstat(fd)
+        if (st.st_size, st.st_mtime_ns) != self.opened[fd] or st.st_nlink == 0:
+            path = self.paths[self.fds.index(fd)]
+            what = "was deleted" if st.st_nlink == 0 else "changed (size or time)"
+            if fd not in self.changed:
+                self.changed.add(fd)
+                log_error("%s %s while mounted; its reads are refused from now on" % (path, what))
+            raise OSError(errno.EIO, "%s %s while mounted" % (path, what))
 
     def segments(self, offset, n):
         """(fd, offset in that file, length) covering n bytes from offset."""
@@ -2294,12 +2318,11 @@ class PartimageImage(Image):
             nbytes = groups * stride if groups else tail_bytes
             image_offset = self.offset
             buf = self.stream.read(nbytes)
-            if len(buf) < nbytes:
-                hint = " (volume %s is missing)" % self.stream.missing if self.stream.missing else ""
-                report(Problem("truncated", "image is truncated%s: %d of %d used blocks present"
-                               % (hint, done_data // bs, self.used_blocks),
-                               image_offset=self.offset + len(buf)))
-                return
+            short = len(buf) < nbytes
+            if short:                  # keep the whole groups that are there
+                groups = len(buf) // stride if groups else 0
+                nbytes = groups * stride
+                buf = buf[:nbytes]
             self.offset += nbytes
             mv = memoryview(buf)
             datas = []
@@ -2318,8 +2341,17 @@ class PartimageImage(Image):
                 nblocks = len(payload) // bs
                 emit_spans(sink, cursor.take(nblocks), payload, bs)
                 pending = payload[nblocks * bs:]
-            done_data += groups * PI_CHECK_EVERY if groups else tail_bytes
+            done_data += groups * PI_CHECK_EVERY if groups or short else tail_bytes
             self._progress(progress)
+            if short:
+                hint = " (volume %s is missing)" % self.stream.missing if self.stream.missing else ""
+                lost = self._select(done_data // bs)    # what follows is lost, to the end
+                report(Problem("truncated", "image is truncated%s: %d of %d used blocks present"
+                               % (hint, done_data // bs, self.used_blocks),
+                               image_offset=self.offset,
+                               byte_range=(lost * bs, self.size),
+                               block_range=(lost, self.total_blocks - 1)))
+                return
         self.stream.summing = False
         tail_magic = self.stream.read(16)
         self.stream.sum += sum(tail_magic)
@@ -6051,6 +6083,7 @@ def estimate_cache_need(files, codec):
 def open_random(path, copts, quiet):
     """(random-access source of the decompressed bytes, pass source or None)."""
     files = FileSource(split_pieces(path))
+    files.watch = True
     head = files.pread(64, 0)
     codec = next((c for c in DETECTED_CODECS if c.matches(head)), None)
     if codec is None:
@@ -6667,52 +6700,95 @@ class OffsetProgress:
         self.progress.update_to(self.base + done)
 
 
-def open_output(path, force, size, inputs):
-    """(fd, sink, created) for extract's OUTPUT."""
-    if path == "-":
-        return None, StreamSink(sys.stdout.fileno(), size), False
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    except OSError as e:
-        raise OutputError("cannot use %s: %s" % (path, e.strerror))
-    if st is not None:
-        for p in inputs:
+class Output:
+    """extract's OUTPUT.  A regular file is written as OUT.part and renamed at
+    the end, so an extract that was killed leaves no file that looks whole;
+    a block device gets the used blocks only; '-' and pipes get a stream."""
+
+    def __init__(self, path, force, size, inputs):
+        self.path, self.fd, self.tmp, self.note = path, None, None, None
+        if path == "-":
+            self.sink = StreamSink(sys.stdout.fileno(), size)
+            return
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            st = None
+        except OSError as e:
+            raise OutputError("cannot use %s: %s" % (path, e.strerror))
+        if st is not None:
+            for p in inputs:
+                try:
+                    if os.path.samefile(p, path):
+                        raise OutputError("%s is the input image; refusing to overwrite it" % path)
+                except OSError:
+                    pass
+            if stat.S_ISDIR(st.st_mode):
+                raise OutputError("%s is a directory" % path)
+            if stat.S_ISREG(st.st_mode) and not force:
+                raise OutputError("%s exists; use --force to overwrite it" % path)
+        cloexec = getattr(os, "O_CLOEXEC", 0)
+        try:
+            if st is not None and stat.S_ISBLK(st.st_mode):
+                self.fd = os.open(path, os.O_WRONLY | cloexec)
+                dev_size = os.lseek(self.fd, 0, os.SEEK_END)
+                if size is not None and dev_size < size:
+                    self.close()
+                    raise OutputError("%s holds %d bytes, the partition needs %d"
+                                      % (path, dev_size, size))
+                self.sink = FileSink(self.fd, size, truncate=False)
+            elif st is not None and not stat.S_ISREG(st.st_mode):      # /dev/null, a fifo
+                self.fd = os.open(path, os.O_WRONLY | cloexec)
+                self.sink = StreamSink(self.fd, size)
+            else:
+                self.tmp = path + ".part"
+                if os.path.lexists(self.tmp):
+                    self.note = ("%s is left from an earlier extract that did not finish; it is "
+                                 "replaced" % self.tmp)
+                    os.unlink(self.tmp)
+                self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | cloexec, 0o644)
+                self.sink = FileSink(self.fd, size, truncate=True)
+        except OSError as e:
+            raise OutputError("cannot write %s: %s" % (self.tmp or path, e.strerror))
+
+    def close(self):
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+
+    def commit(self):
+        """All written: flush it and give it its name."""
+        if self.tmp is not None:
+            os.fsync(self.fd)
+        self.close()
+        if self.tmp is not None:
+            os.rename(self.tmp, self.path)
+            self.tmp = None
+
+    def discard(self):
+        """Remove what a failed extract wrote (a device or stream is left as is)."""
+        try:
+            self.close()
+        except OSError:
+            pass
+        if self.tmp is not None:
             try:
-                if os.path.samefile(p, path):
-                    raise OutputError("%s is the input image; refusing to overwrite it" % path)
+                os.unlink(self.tmp)
             except OSError:
                 pass
-        if stat.S_ISDIR(st.st_mode):
-            raise OutputError("%s is a directory" % path)
-        if stat.S_ISREG(st.st_mode) and not force:
-            raise OutputError("%s exists; use --force to overwrite it" % path)
-    try:
-        if st is not None and stat.S_ISBLK(st.st_mode):
-            fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
-            dev_size = os.lseek(fd, 0, os.SEEK_END)
-            if size is not None and dev_size < size:
-                os.close(fd)
-                raise OutputError("%s holds %d bytes, the partition needs %d" % (path, dev_size, size))
-            return fd, FileSink(fd, size, truncate=False), False
-        if st is not None and not stat.S_ISREG(st.st_mode):      # /dev/null, a fifo
-            fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
-            return fd, StreamSink(fd, size), False
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
-        return fd, FileSink(fd, size, truncate=True), True
-    except OSError as e:
-        raise OutputError("cannot write %s: %s" % (path, e.strerror))
+            return True
+        return False
 
 
 def cmd_extract(args):
     backup = open_input(args)
-    fd = None
-    created = False
+    out = None
     try:
         member = backup.member(args.partition) if args.partition else backup.default_member()
         say(args, "%s: %s" % (args.image, member.describe()))
-        fd, sink, created = open_output(args.output, args.force, member.size, backup.paths())
+        out = Output(args.output, args.force, member.size, backup.paths())
+        if out.note:
+            say(args, "note: " + out.note)
         warnings = []
 
         def report(p):
@@ -6725,33 +6801,29 @@ def cmd_extract(args):
         progress = Progress(member.input_size() if args.image != "-" else None, "extract",
                             args.quiet)
         try:
-            member.scan(sink, report, progress)
+            member.scan(out.sink, report, progress)
         finally:
             progress.close()
-        sink.finish(member.size)
-        if fd is not None:
-            os.close(fd)
-            fd = None
-        created = False
+        out.sink.finish(member.size)
+        out.commit()
+        out = None
         say(args, "%s: wrote %s (%d bytes) in %.1f s%s"
             % (args.output, human(member.size), member.size, time.monotonic() - start,
                "; %d checksum problems ignored" % len(warnings) if warnings else ""))
         return 0
     except OSError as e:
+        if out is not None and out.discard():
+            raise OutputError("writing %s failed: %s; the partial output is removed"
+                              % (args.output, e.strerror))
         raise OutputError("writing %s failed: %s" % (args.output, e.strerror))
     except VimageError as e:
-        if created:
-            e.args = (str(e) + "; %s removed" % args.output,)
+        if out is not None and out.discard():
+            e.args = (str(e) + "; the partial output is removed",)
         raise
     finally:
         backup.close()
-        if fd is not None:
-            os.close(fd)
-        if created:
-            try:
-                os.unlink(args.output)
-            except OSError:
-                pass
+        if out is not None:
+            out.discard()
 
 
 def _fuse_unmount(path):
@@ -6811,6 +6883,36 @@ def check_mountpoint(mp):
         raise VimageError("mount point %s cannot be read" % mp)
     if mounts_at(mp):
         raise VimageError("something is already mounted at %s" % mp)
+    outer = vimage_mount_above(mp)
+    if outer:
+        raise VimageError("mount point %s lies inside the vimage mount at %s; choose a directory "
+                          "outside it" % (mp, outer))
+
+
+def vimage_mount_above(path):
+    """The vimage mount (FUSE or --files layers) that path lies inside, if any."""
+    path = os.path.realpath(path)
+    tops = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                if fields[sep + 1].startswith("fuse") and fields[sep + 2] == "vimage":
+                    tops.append(fields[4].replace("\\040", " "))
+    except (OSError, ValueError):
+        pass
+    try:
+        for entry in os.listdir(RUN_DIR):
+            if entry.endswith(".json"):
+                with open(os.path.join(RUN_DIR, entry)) as f:
+                    tops.append(json.load(f).get("mountpoint") or "")
+    except (OSError, ValueError):
+        pass
+    for top in tops:
+        if top and top != "/" and (path == top or path.startswith(top.rstrip("/") + "/")):
+            return top
+    return None
 
 
 class MountPlan:
