@@ -2554,6 +2554,15 @@ def _fs_lvm(b):
     return None
 
 
+def _fs_minix(b):
+    magic = _u16(b, 1024 + 16)
+    if magic in (0x137F, 0x138F, 0x2468, 0x2478) and _u16(b, 1024 + 2):   # v1, v2 (+ 30-char)
+        return "minix", None, "v1" if magic < 0x2000 else "v2"
+    if _u16(b, 1024 + 24) == 0x4D5A:
+        return "minix", None, "v3"
+    return None
+
+
 def _fs_udf_or_iso(b):
     udf = any(b[o + 1:o + 6] in (b"NSR02", b"NSR03") for o in range(32768, 0x10000, 2048))
     if udf:
@@ -2579,6 +2588,7 @@ FS_PROBES = [
     (32, b"NXSB", lambda b: ("apfs", None, None)),
     (0, b"hsqs", lambda b: ("squashfs", _u64(b, 40), None)),
     (32768, b"JFS1", lambda b: ("jfs", None, None)),
+    (None, None, _fs_minix),
     (65588, b"ReIsEr", lambda b: ("reiserfs", None, None)),
     (None, None, _fs_udf_or_iso),
     (None, None, _fs_swap),
@@ -6214,6 +6224,7 @@ FILESYSTEMS = {
     "udf": (None, [("udf", "ro")], "a kernel with udf"),
     "squashfs": (None, [("squashfs", "ro"), ("fuse.squashfuse", "ro")], "squashfuse"),
     "erofs": (None, [("erofs", "ro")], "a kernel with erofs"),
+    "minix": ("fsck.minix %s", [("minix", "ro")], "a kernel with minix"),
 }
 
 
@@ -6863,9 +6874,9 @@ def _files_mount(fstype, virtual, mountpoint, allow_exec=False):
             if proc.returncode == 0:
                 return " ".join(cmd)
             lines = [l.strip() for l in proc.stderr.decode(errors="replace").splitlines()
-                     if l.strip()]
-            errors.append("-t %s -o %s: %s" % (kind, options, lines[-1] if lines else
-                                                 "exit status %d" % proc.returncode))
+                     if l.strip() and not l.startswith("dmesg")]
+            errors.append("-t %s -o %s: %s" % (kind, options, lines[-1].split(": ")[-1] if lines
+                                                 else "exit status %d" % proc.returncode))
     finally:
         # detached now, the device goes away by itself once the mount lets go
         subprocess_quiet(["losetup", "-d", loop])
