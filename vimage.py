@@ -6874,7 +6874,7 @@ def _files_mount(fstype, virtual, mountpoint, allow_exec=False):
             if proc.returncode == 0:
                 return " ".join(cmd)
             lines = [l.strip() for l in proc.stderr.decode(errors="replace").splitlines()
-                     if l.strip() and not l.startswith("dmesg")]
+                     if l.strip() and not l.strip().startswith("dmesg")]
             errors.append("-t %s -o %s: %s" % (kind, options, lines[-1].split(": ")[-1] if lines
                                                  else "exit status %d" % proc.returncode))
     finally:
