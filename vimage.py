@@ -3448,9 +3448,10 @@ def cz_read(path, binary=False):
     return data if binary else data.decode("utf-8", "replace")
 
 
-def parse_sfdisk_dump(text):
+def parse_sfdisk_dump(text, problems=None):
     """An `sfdisk -d` dump: (headers, [partition dicts]) with start/size in
-    sectors; new (label:, type=) and pre-2.26 (Id=) forms."""
+    sectors; new (label:, type=) and pre-2.26 (Id=) forms.  Lines that do
+    not parse are named in `problems` and left out."""
     headers, parts = {}, []
     for line in text.splitlines():
         line = line.strip()
@@ -3468,12 +3469,16 @@ def parse_sfdisk_dump(text):
                     continue
                 value = value.strip().strip('"')
                 if key in ("start", "size"):
-                    p[key] = int(value)
+                    p[key] = int(value) if value.isdigit() and len(value) <= 19 else None
                 elif key in ("type", "id"):
                     p["type"] = value.lower() if len(value) <= 2 else value.upper()
                 else:
                     p[key] = value
-            if p.get("size") and p.get("type", "0") not in ("0",):
+            if p.get("start") is None or p.get("size") is None or \
+                    not re.match(r"^[0-9a-f]{1,2}$|^[0-9A-F-]{36}$", p.get("type", "")):
+                if problems is not None:
+                    problems.append("a partition line that does not parse: %r" % line[:80])
+            elif p["size"] and p["type"] != "0":
                 parts.append(p)
         else:
             key, _sep, value = line.partition(":")
@@ -3503,6 +3508,7 @@ def mbr_entry(boot, ptype, start, count, geometry):
 def geometry_of(mbr):
     """Heads and sectors per track that the CHS fields of a saved MBR were
     written with (255/63 when they do not tell)."""
+    mbr = mbr[:512].ljust(512, b"\0")
     slots = [(mbr[446 + 16 * i:462 + 16 * i]) for i in range(4)]
     for heads, sectors in ((255, 63), (64, 32), (128, 32), (16, 63), (240, 63), (32, 32)):
         ok = False
@@ -3638,20 +3644,36 @@ class ClonezillaBackup(Backup):
     # --- what the directory says ------------------------------------------
     def _read_table(self, disk):
         text = cz_read(os.path.join(self.dir, disk + "-pt.sf")) or ""
-        headers, parts = parse_sfdisk_dump(text)
-        ss = int(headers.get("sector-size", "512") or 512)
+        problems = []
+        headers, parts = parse_sfdisk_dump(text, problems)
+        self.problems += ["%s-pt.sf: %s" % (disk, p) for p in problems]
+        ss = headers.get("sector-size", "512")
         parted = cz_read(os.path.join(self.dir, disk + "-pt.parted")) or ""
         m = re.search(r"^Sector size \(logical/physical\): (\d+)B", parted, re.M)
         if m:
-            ss = int(m.group(1))
-        m = re.search(r"^Disk /dev/\S+: (\d+)s\s*$", parted, re.M)
+            ss = m.group(1)
+        ss = int(ss) if ss in ("512", "1024", "2048", "4096") else 512
+        m = re.search(r"^Disk /dev/\S+: (\d{1,19})s\s*$", parted, re.M)
         size = int(m.group(1)) * ss if m else None
+        if size is not None and not 0 < size < 1 << 62:
+            self.problems.append("%s-pt.parted gives an absurd disk size (%d)" % (disk, size))
+            size = None
         if size is None and headers.get("label") == "gpt":
             g = cz_read(os.path.join(self.dir, disk + "-gpt-1st"), True)
             if g and g[512:520] == b"EFI PART":
                 size = (struct.unpack_from("<Q", g, 512 + 32)[0] + 1) * ss
         if size is None and parts:
             size = max(p["start"] + p["size"] for p in parts) * ss
+        limit = (1 << 32) if headers.get("label") != "gpt" else (1 << 62) // ss
+        for p in list(parts):
+            end = (p["start"] + p["size"]) * ss
+            if p["start"] + p["size"] > limit or (size is not None and end > size) or \
+                    not p["start"]:
+                self.problems.append("%s-pt.sf: %s lies outside the disk (sectors %d-%d)"
+                                     % (disk, p["device"], p["start"], p["start"] + p["size"] - 1))
+                parts.remove(p)
+        if size is not None and size >= 1 << 62:
+            size = None
         if not text.strip():
             self.problems.append("%s-pt.sf is empty: the save could not read the partition "
                                  "table, so disk %s cannot be laid out" % (disk, disk))
