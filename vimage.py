@@ -32,10 +32,13 @@ import argparse
 import bisect
 import bz2
 import errno
+import hashlib
 import io
 import json
 import lzma
+import mmap
 import os
+import queue
 import re
 import stat
 import struct
@@ -45,7 +48,7 @@ import time
 import weakref
 import zlib
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
 from functools import lru_cache
 from itertools import repeat
 from operator import mul
@@ -336,38 +339,118 @@ FILE_TAPS = {}      # real path -> FileTap, while a verify pass runs
 
 
 class FileTap:
-    """Whole-file hashes fed by the in-order reads a verify pass makes anyway,
-    so that a sums file costs no second read of an image.  What the pass did
-    not read (it stopped early) is read when a digest is asked for."""
+    """Whole-file checks fed by the in-order reads a verify pass makes anyway,
+    so that a sums file or a par2 set costs no second read of an image: the
+    hashes (Hashers) and a par2 slice check each work on a thread of their
+    own while the pass goes on.  What the pass did not read (it stopped
+    early) is read when a result is asked for."""
 
-    def __init__(self, path, algos):
+    def __init__(self, path, algos=(), par2=None):
         self.path, self.pos, self.broken = path, 0, False
-        self.hashes = {a: hash_factory(a)() for a in algos}
+        self.algos, self.hashers = sorted(algos), None
+        self.par2, self._par2 = None, par2
+        self.digests = self.result = None
 
-    def feed(self, offset, data):
+    def feed(self, offset, data, threads=1):
         if offset != self.pos:
             if offset > self.pos or offset + len(data) <= self.pos:
                 self.broken = self.broken or offset > self.pos
                 return
-            data = memoryview(data)[self.pos - offset:]
-        for h in self.hashes.values():
-            h.update(data)
+            data = bytes(memoryview(data)[self.pos - offset:])
+        if self.hashers is None:          # the workers start with the first data
+            self.hashers = Hashers(self.algos, threads=threads)
+            if self._par2 is not None:
+                self.par2 = _ThreadedUpdate(self._par2) if threads else _Inline(self._par2)
+        self.hashers.update(data)
+        if self.par2 is not None:
+            self.par2.update(data)
         self.pos += len(data)
 
-    def hexdigest(self, algo):
-        if algo not in self.hashes or self.broken:
-            return None
+    def _finish(self):
+        if self.digests is not None or self.broken:
+            return
         try:
-            with open(self.path, "rb") as f:
+            with io.open(self.path, "rb") as f:
                 f.seek(self.pos)
-                while True:
-                    data = f.read(CHUNK)
-                    if not data:
-                        break
-                    self.feed(self.pos, data)
+                for data in iter(lambda: f.read(CHUNK), b""):
+                    # a file the scans did not read is hashed here, in this thread
+                    self.feed(self.pos, data, threads=1 if self.hashers else 0)
+            if self.hashers is None:
+                self.feed(0, b"", threads=0)
         except OSError:
-            return None
-        return self.hashes[algo].hexdigest()
+            self.broken = True
+            return
+        self.digests = self.hashers.hexdigests() if self.hashers is not None else {}
+        self.result = self.par2.finish() if self.par2 is not None else None
+
+    def hexdigest(self, algo):
+        self._finish()
+        return None if self.broken else self.digests.get(algo)
+
+    def par2_result(self):
+        self._finish()
+        return self.result
+
+    @property
+    def has_par2(self):
+        return self._par2 is not None
+
+    def close(self):
+        if self.hashers is not None:
+            self.hashers.close()
+        if self.par2 is not None:
+            self.par2.close()
+
+
+class _Inline:
+    """_ThreadedUpdate's interface, in the caller's thread."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def update(self, chunk):
+        self.obj.update(chunk)
+
+    def close(self):
+        pass
+
+    def finish(self):
+        return self.obj.finish()
+
+
+class _ThreadedUpdate:
+    """Runs obj.update(chunk) on a thread of its own, one chunk queued."""
+
+    def __init__(self, obj):
+        self.obj, self.error = obj, None
+        self.queue = queue.Queue(1)
+        self.thread = threading.Thread(target=self._work, daemon=True)
+        self.thread.start()
+
+    def _work(self):
+        for chunk in iter(self.queue.get, None):
+            if self.error is None:
+                try:
+                    self.obj.update(chunk)
+                except Exception as e:            # raised again in the caller
+                    self.error = e
+
+    def update(self, chunk):
+        if self.error is not None:
+            raise self.error
+        self.queue.put(chunk)
+
+    def close(self):
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+            self.thread = None
+
+    def finish(self):
+        self.close()
+        if self.error is not None:
+            raise self.error
+        return self.obj.finish()
 
 
 class Segmented:
@@ -1469,6 +1552,439 @@ def make_digest(kind, reseed, endian="<", field_size=None):
     raise FormatError("unknown checksum kind %r" % kind)
 
 
+# --- checksum lists: GNU "<hex>  name" and BSD "ALGO (name) = <hex>" ----------
+# GNU (md5sum, sha*sum, b2sum, b3sum): "<hex>  name" (text) or "<hex> *name"
+# (binary); BSD `md5 -r` writes "<hex> name".  --tag writes "ALGO (name) = <hex>"
+# with ALGO one of MD5 SHA1 SHA224 SHA256 SHA384 SHA512 BLAKE2b BLAKE2b-<bits>
+# (b2sum -l) SHA3-<bits> (cksum -a sha3).  A name holding "\", LF or CR is
+# written with "\\", "\n", "\r" and the whole line then starts with "\".
+
+SumEntry = namedtuple("SumEntry", "algo hexdigest name line")
+
+_HEX_LEN = {"md5": 32, "sha1": 40, "sha224": 56, "sha256": 64, "sha384": 96,
+            "sha512": 128, "blake2b": 128, "blake3": 64}
+_BY_LEN = {32: "md5", 40: "sha1", 56: "sha224", 64: "sha256", 96: "sha384", 128: "sha512"}
+_HINT_RE = re.compile(r"(?:^|[._-])(md5|sha1|sha224|sha256|sha384|sha512|b2|blake2b?|b3|blake3)"
+                      r"(?:sums?)?(?:\.txt|\.asc)?$", re.I)
+_HINT_ALIAS = {"b2": "blake2b", "blake2": "blake2b", "b3": "blake3"}
+_TAGS = dict({t: t.lower() for t in ("MD5", "SHA1", "SHA224", "SHA256", "SHA384", "SHA512",
+                                     "BLAKE2b", "BLAKE3")}, **{"BLAKE2b-512": "blake2b"})
+_TAGS.update(("SHA3-%d" % b, "sha3_%d" % b) for b in (224, 256, 384, 512))
+_TAGS.update(("BLAKE2b-%d" % b, "blake2b-%d" % b) for b in range(8, 512, 8))
+_TAG_RE = re.compile(rb"([A-Za-z0-9-]+) \((.*)\) = ([0-9A-Fa-f]+)$", re.S)
+_GNU_RE = re.compile(rb"([0-9A-Fa-f]+)( [ *]| )?(.*)$", re.S)
+_GOOD_ESCAPES = re.compile(rb"(?:[^\\]|\\[\\nr])*", re.S)
+_ESCAPES = {b"\\\\": b"\\", b"\\n": b"\n", b"\\r": b"\r"}
+
+
+def hex_len(algo):
+    """Hex digits of an algorithm's digest: 'blake2b-256' -> 64, 'sha3_384' -> 96."""
+    m = re.match(r"(?:blake2b-|sha3_)(\d+)$", algo)
+    return int(m.group(1)) // 4 if m else _HEX_LEN.get(algo)
+
+
+def _sum_line(s, hint):
+    """(algo, hex digest, name bytes) of one line, or a str saying what is wrong."""
+    escaped = s.startswith(b"\\")
+    s = s[1:] if escaped else s
+    tag = _TAG_RE.match(s)
+    if tag:
+        tag_name, fname, digest = tag.group(1).decode("ascii"), tag.group(2), tag.group(3)
+        algo = _TAGS.get(tag_name)
+        if algo is None:
+            return "unknown algorithm " + tag_name
+        if hex_len(algo) != len(digest):
+            return "%s digest with %d hex digits" % (algo, len(digest))
+    else:
+        g = _GNU_RE.match(s)
+        if not g or (g.group(2) is None and g.group(3)):
+            return "not a checksum line"
+        digest, fname, n = g.group(1), g.group(3), len(g.group(1))
+        if hint == "blake2b" and n != 128:          # b2sum -l <bits>
+            algo = "blake2b-%d" % (n * 4) if n % 2 == 0 and n < 128 else None
+        else:
+            algo = (hint if hex_len(hint) == n else None) if hint else _BY_LEN.get(n)
+        if algo is None:
+            return "%d hex digits fit no %s digest" % (n, hint or "known")
+    if escaped:
+        if not _GOOD_ESCAPES.fullmatch(fname):
+            return "bad backslash escape in the file name"
+        fname = re.sub(rb"\\[\\nr]", lambda m: _ESCAPES[m.group(0)], fname)
+    return algo, digest.decode("ascii").lower(), fname
+
+
+def parse_sums(source, algo=None, name=None):
+    """Read a checksum list or sidecar; return (entries, bad).
+
+    source: a path, or the content itself (bytes, or str holding a newline).
+    algo: the algorithm of untagged lines; default from the file name (.sha256,
+    MD5SUMS, .b2 ...), else from the digest length (64 hex digits: sha256).
+    name: what a bare hash (a line with no file name) applies to; default the
+    sidecar's name less its suffix (disk.img.sha256 -> disk.img), else None.
+    entries: SumEntry(algo, hexdigest lower-case, name, line number) with algo
+    a hashlib name, 'blake2b-<bits>' or 'blake3'; bad: (line number, reason)."""
+    if isinstance(source, bytes) or (isinstance(source, str) and "\n" in source):
+        data = source.encode("utf-8", "surrogateescape") if isinstance(source, str) else source
+        base = ""
+    else:
+        base = os.path.basename(os.fspath(source))
+        try:
+            if os.path.getsize(source) > 64 * MiB:
+                raise FormatError("%s is too large for a checksum list" % base)
+            with io.open(source, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise FormatError("cannot read %s: %s" % (base, e.strerror or e))
+    m = _HINT_RE.search(base)
+    hint = algo or (m and _HINT_ALIAS.get(m.group(1).lower(), m.group(1).lower()))
+    if name is None and m and m.start() > 0:
+        name = base[:m.start()]
+    entries, bad = [], []
+    for no, line in enumerate(data.split(b"\n"), 1):
+        s = (line[:-1] if line.endswith(b"\r") else line).lstrip(b" \t")
+        if no == 1 and s.startswith(b"\xef\xbb\xbf"):         # a UTF-8 byte-order mark
+            s = s[3:]
+        if not s.strip() or s.startswith(b"#"):
+            continue
+        got = _sum_line(s, hint)
+        if isinstance(got, str):
+            bad.append((no, got))
+        else:
+            entries.append(SumEntry(got[0], got[1], os.fsdecode(got[2]) if got[2] else name, no))
+    return entries, bad
+
+
+# --- parallel hashing ---------------------------------------------------------
+
+def new_hash(algo):
+    """A hash object for an algorithm name from parse_sums, or None if unavailable."""
+    if algo == "blake3":
+        mod = optional_module("blake3")
+        return mod.blake3() if mod is not None else None
+    if algo.startswith("blake2b-"):
+        return hashlib.blake2b(digest_size=int(algo[8:]) // 8)
+    try:
+        return hashlib.new(algo)
+    except (ValueError, TypeError):
+        return None
+
+
+class Hashers:
+    """Feed the same chunks to several hashes on up to `threads` worker threads.
+
+    Each worker owns some of the hashes and a queue of `depth` chunks; update()
+    returns once every queue has room, so the caller reads the next chunk while
+    the last is hashed (hashlib drops the GIL for buffers over 2 KiB).  With
+    depth=1 at most 3 chunks are alive: hashed, queued, being read.  A chunk
+    must not change after update(): pass bytes, not a reused buffer.
+    threads=0 hashes in the caller.  Algorithms that cannot be computed here are
+    left out and named in .missing with what to install."""
+
+    def __init__(self, algos, threads=2, depth=1):
+        self.hashes, self.missing, self._error = {}, {}, None
+        for a in dict.fromkeys(algos):
+            h = new_hash(a)
+            if h is not None:
+                self.hashes[a] = h
+            elif a == "blake3":
+                self.missing[a] = "blake3 needs the Python package 'blake3' (pip install blake3)"
+            else:
+                self.missing[a] = "%s is not in this Python's hashlib" % a
+        objs = list(self.hashes.values())
+        n = min(threads, len(objs))
+        self._inline = objs if n == 0 else ()
+        self._queues = [queue.Queue(depth) for _ in range(n)]
+        self._threads = [threading.Thread(target=self._work, args=(q, objs[i::n]), daemon=True)
+                         for i, q in enumerate(self._queues)]
+        for t in self._threads:
+            t.start()
+
+    def _work(self, q, lane):
+        for chunk in iter(q.get, None):
+            if self._error is None:
+                try:
+                    for h in lane:
+                        h.update(chunk)
+                except Exception as e:  # raised again in the caller's thread
+                    self._error = e
+
+    def update(self, chunk):
+        if self._error is not None:
+            raise self._error
+        for h in self._inline:
+            h.update(chunk)
+        for q in self._queues:
+            q.put(chunk)
+
+    def close(self):
+        """Wait for the queued chunks and stop the workers (may be called again)."""
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join()
+        self._queues, self._threads = [], []
+
+    def hexdigests(self):
+        """{algo: lower-case hex} once every chunk fed so far is hashed."""
+        self.close()
+        if self._error is not None:
+            raise self._error
+        return {a: h.hexdigest() for a, h in self.hashes.items()}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --- PAR 2.0 (Parchive) recovery sets -----------------------------------------
+# A .par2 file is a run of packets, 4-byte aligned, integers little-endian:
+#   magic "PAR2\0PKT" | u64 length of the whole packet (multiple of 4, >= 64) |
+#   MD5 of the bytes from the set ID to the end | 16-byte recovery set ID |
+#   16-byte type | body.
+# Main "PAR 2.0\0Main\0\0\0\0": u64 slice size (multiple of 4), u32 count of
+#   recovery-set files, their 16-byte file IDs, then non-recovery-set file IDs.
+# FileDesc "PAR 2.0\0FileDesc": file ID, MD5 of the file, MD5 of its first
+#   16 KiB, u64 length, name (NUL-padded to a multiple of 4).
+# IFSC "PAR 2.0\0IFSC\0\0\0\0": file ID, then per slice MD5 + u32 CRC32 (zlib's);
+#   the last slice is zero-padded to the slice size for both.
+# RecvSlic "PAR 2.0\0RecvSlic": u32 exponent + one slice of recovery data.
+# Creator "PAR 2.0\0Creator\0": client name.  Packets repeat across the files
+# (name.par2, name.vol000+01.par2 ...), in any order; damaged ones are skipped.
+
+_PAR2_MAGIC = b"PAR2\0PKT"
+_PKT_HEAD = struct.Struct("<8sQ16s16s16s")
+_MAIN, _DESC = b"PAR 2.0\0Main\0\0\0\0", b"PAR 2.0\0FileDesc"
+_IFSC, _RECV = b"PAR 2.0\0IFSC\0\0\0\0", b"PAR 2.0\0RecvSlic"
+_CREATOR = b"PAR 2.0\0Creator\0"
+_PKT_MAX = 4 * MiB        # larger packets other than recovery slices are passed over
+_VOL_RE = re.compile(r"(?:\.vol\d+[-+]\d+)?\.par2$", re.I)
+
+Par2File = namedtuple("Par2File", "file_id md5 md5_16k length name")
+Par2Result = namedtuple("Par2Result", "name length seen length_ok md5_ok slices damaged "
+                                      "recovery_slices repairable ok")
+
+
+def par2_files(path):
+    """The .par2 files of the set for `path` (an image, or one of the .par2 files)."""
+    folder, base = os.path.split(os.path.abspath(path))
+    m = _VOL_RE.search(base)
+    stems = [base[:m.start()]] if m else [base, os.path.splitext(base)[0]]
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    for stem in stems:
+        found = [n for n in names if n.startswith(stem) and _VOL_RE.fullmatch(n[len(stem):])]
+        if found:
+            found.sort(key=lambda n: len(n) != len(stem) + 5)    # the index file first
+            return [os.path.join(folder, n) for n in found]
+    return []
+
+
+def _packets(mm, verify_recovery, damaged):
+    """Yield (set ID, type, body, length) of each intact packet in a mapped file.
+
+    A recovery slice yields only its 4-byte exponent as body; its data is not
+    read unless verify_recovery.  damaged[0] counts the packets that fail."""
+    size = len(mm)
+    pos = mm.find(_PAR2_MAGIC)
+    while 0 <= pos <= size - _PKT_HEAD.size:
+        _, length, md5, set_id, ptype = _PKT_HEAD.unpack_from(mm, pos)
+        end, ok = pos + length, False
+        if 64 <= length <= size - pos and length % 4 == 0:
+            if ptype == _RECV and length >= 68:
+                body, ok = mm[pos + 64:pos + 68], True
+                if verify_recovery:
+                    h = hashlib.md5()
+                    for at in range(pos + 32, end, CHUNK):
+                        h.update(mm[at:min(at + CHUNK, end)])
+                    ok = h.digest() == md5
+            elif length - 64 <= _PKT_MAX:
+                body = mm[pos + 64:end]
+                ok = hashlib.md5(mm[pos + 32:end]).digest() == md5
+            else:
+                ok = None   # huge and of no use here: pass over it, not counted
+        if ok:
+            yield set_id, ptype, body, length
+            pos = mm.find(_PAR2_MAGIC, end)
+        else:
+            damaged[0] += ok is False
+            pos = mm.find(_PAR2_MAGIC, pos + 1)
+
+
+class Par2Set:
+    """One PAR 2.0 recovery set as read from all its files (see Par2Set.open).
+
+    .slice_size, .recovery_ids / .other_ids (file IDs of the recovery and
+    non-recovery sets), .files {file ID: Par2File}, .slices {file ID: IFSC body},
+    .recovery_slices (distinct exponents of well-sized recovery packets),
+    .creator, .damaged_packets, .problems (strings), .paths (files read)."""
+
+    def __init__(self, paths, packets, mains, damaged):
+        self.paths, self.damaged_packets, self.problems = paths, damaged, []
+        self.set_id = max(mains, key=mains.get)      # the set with most Main copies
+        self.creator, descs, self.slices, exps = None, {}, {}, {}
+        for (set_id, ptype, _), (body, length) in packets.items():
+            if set_id != self.set_id:
+                continue
+            if ptype == _MAIN:
+                self._main(body)
+            elif ptype == _DESC and len(body) >= 56:
+                fid, md5, md5_16k, size = struct.unpack_from("<16s16s16sQ", body)
+                name = body[56:].rstrip(b"\0").decode("utf-8", "surrogateescape")
+                descs[fid] = Par2File(fid, md5, md5_16k, size, name)
+            elif ptype == _IFSC and (len(body) - 16) % 20 == 0:
+                self.slices[body[:16]] = body
+            elif ptype == _RECV:
+                exps[body] = length
+            elif ptype == _CREATOR:
+                self.creator = body.rstrip(b"\0").decode("ascii", "replace")
+        ids = self.recovery_ids + self.other_ids
+        self.files = {i: descs[i] for i in ids if i in descs}
+        if len(self.files) < len(ids):
+            self.problems.append("%d file(s) of the set have no intact File Description packet"
+                                 % (len(ids) - len(self.files)))
+        self.recovery_slices = sum(n == 68 + self.slice_size for n in exps.values())
+        if len(exps) > self.recovery_slices:
+            self.problems.append("%d recovery packets of the wrong size"
+                                 % (len(exps) - self.recovery_slices))
+
+    def _main(self, body):
+        if len(body) < 12 or (len(body) - 12) % 16:
+            raise FormatError("par2 Main packet of %d bytes" % len(body))
+        size, count = struct.unpack_from("<QI", body)
+        if size == 0 or size % 4:
+            raise FormatError("par2 slice size %d is not a positive multiple of 4" % size)
+        ids = [body[i:i + 16] for i in range(12, len(body), 16)]
+        if count > len(ids):
+            raise FormatError("par2 Main packet lists %d files but holds %d IDs"
+                              % (count, len(ids)))
+        self.slice_size, self.recovery_ids, self.other_ids = size, ids[:count], ids[count:]
+
+    @classmethod
+    def open(cls, path, verify_recovery=False):
+        """Read the set beside an image (disk.img -> disk.img.par2, disk.img.vol*.par2)
+        or the set of a given .par2 file, keeping one intact copy of each packet.
+        verify_recovery=True also MD5-checks the recovery slices' data (reads it)."""
+        paths = par2_files(path)
+        if not paths:
+            raise FormatError("no .par2 files for %s" % os.path.basename(path))
+        packets, mains, damaged = {}, {}, [0]
+        for p in paths:
+            try:
+                with io.open(p, "rb") as f:
+                    if os.fstat(f.fileno()).st_size < _PKT_HEAD.size:
+                        continue
+                    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                        for set_id, ptype, body, n in _packets(mm, verify_recovery, damaged):
+                            # one copy each: of Main, Creator; of FileDesc, IFSC per file
+                            # ID; of RecvSlic per exponent
+                            key = body[:16] if ptype in (_DESC, _IFSC) else \
+                                body[:4] if ptype == _RECV else b""
+                            packets.setdefault((set_id, ptype, key), (body, n))
+                            mains[set_id] = mains.get(set_id, 0) + (ptype == _MAIN)
+            except (OSError, ValueError, OverflowError) as e:
+                raise FormatError("cannot read %s: %s" % (os.path.basename(p), e))
+        if not any(mains.values()):
+            raise FormatError("no intact PAR 2.0 Main packet in %s"
+                              % ", ".join(os.path.basename(p) for p in paths))
+        return cls(paths, packets, mains, damaged[0])
+
+    def find(self, name):
+        """The Par2File for a file name: the same name, else the same basename, else
+        the only file of a one-file set."""
+        files, base = list(self.files.values()), os.path.basename(name)
+        for same in (lambda f: f.name == name, lambda f: f.name.rsplit("/", 1)[-1] == base):
+            hits = [f for f in files if same(f)]
+            if len(hits) == 1:
+                return hits[0]
+        if len(files) == 1 and len(self.recovery_ids) + len(self.other_ids) == 1:
+            return files[0]
+        raise FormatError("%s is not in the par2 set (it has %s)"
+                          % (base, ", ".join(f.name for f in files) or "no readable names"))
+
+
+class Par2Check:
+    """Check one file of a Par2Set: update() with its bytes in order, then finish().
+
+    Each slice's MD5 and CRC32 run on memoryview pieces of the chunk in the
+    caller's thread; the whole-file MD5 runs on a worker thread (threads=0: not)."""
+
+    def __init__(self, par2set, file_name, threads=1):
+        self.set, self.file = par2set, par2set.find(file_name)
+        self._count = -(-self.file.length // par2set.slice_size)
+        body = par2set.slices.get(self.file.file_id)
+        self._sums = None if body is None else list(struct.iter_unpack("<16sI", body[16:]))
+        if self._sums is not None and len(self._sums) != self._count:
+            raise FormatError("par2 has %d slice checksums for %s, whose length needs %d"
+                              % (len(self._sums), self.file.name, self._count))
+        # the slices' MD5s vouch for the whole file; its own MD5 is only
+        # worth its time when the set has no slice checksums for it
+        self._md5 = Hashers(["md5"] if self._sums is None else [], threads)
+        self._h, self._crc, self._fill, self._index, self.seen = hashlib.md5(), 0, 0, 0, 0
+        self._damaged = []
+
+    def update(self, data):
+        """Feed the next bytes of the file (any size; bytes, not a reused buffer)."""
+        self._md5.update(data)
+        view, size, o = memoryview(data).cast("B"), self.set.slice_size, 0
+        while o < len(view):
+            piece = view[o:o + size - self._fill]
+            self._h.update(piece)
+            self._crc = zlib.crc32(piece, self._crc)
+            self._fill += len(piece)
+            o += len(piece)
+            if self._fill == size:
+                self._end_slice()
+        self.seen += len(view)
+
+    def _end_slice(self):
+        i = self._index
+        if self._sums is not None and i < self._count \
+                and (self._h.digest(), self._crc) != self._sums[i]:
+            self._damaged.append(i)
+        self._h, self._crc, self._fill, self._index = hashlib.md5(), 0, 0, i + 1
+
+    def finish(self):
+        """The Par2Result: damaged slices as (index, start, end) byte ranges [start, end)
+        of the original file (None without slice checksums), the length and MD5 verdicts,
+        the recovery slices in the set, and whether `par2 r` could repair it
+        (damaged slices <= recovery slices; None when that cannot be told)."""
+        if self._fill:      # the last slice counts as zero-padded to the slice size
+            for pad in range(self.set.slice_size - self._fill, 0, -len(_ZEROS)):
+                z = _ZEROS[:min(pad, len(_ZEROS))]
+                self._h.update(z)
+                self._crc = zlib.crc32(z, self._crc)
+            self._end_slice()
+        digests = self._md5.hexdigests()
+        md5_ok = digests["md5"] == self.file.md5.hex() if "md5" in digests else None
+        length, size, damaged = self.file.length, self.set.slice_size, None
+        if self._sums is not None:
+            bad = self._damaged + list(range(self._index, self._count))   # missing tail
+            damaged = [(i, i * size, min(i * size + size, length)) for i in bad]
+        ok = md5_ok is not False and self.seen == length and not damaged
+        repairable = True if ok else None if damaged is None else \
+            self.file.file_id in self.set.recovery_ids and len(damaged) <= self.set.recovery_slices
+        return Par2Result(self.file.name, length, self.seen, self.seen == length, md5_ok,
+                          self._count, damaged, self.set.recovery_slices, repairable, ok)
+
+    def close(self):
+        """Stop the MD5 worker without a result (finish() does this too)."""
+        self._md5.close()
+
+    def check_path(self, path):
+        """Read a whole file in CHUNK reads and return finish()."""
+        try:
+            with io.open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(CHUNK), b""):
+                    self.update(chunk)
+        finally:
+            self.close()
+        return self.finish()
+
+
 # ===========================================================================
 # Image formats
 # ===========================================================================
@@ -1605,11 +2121,15 @@ def span_block(spans, k):
 
 
 def emit_spans(sink, spans, payload, bs):
-    """Write payload (the blocks of spans, back to back) to the sink."""
-    pos = 0
+    """Write payload (the blocks of spans, back to back) to the sink, in
+    pieces that copy nothing (the whole payload when it is one run)."""
+    if len(spans) == 1 and spans[0][1] * bs == len(payload):
+        sink.write(spans[0][0] * bs, payload)
+        return
+    view, pos = memoryview(payload), 0
     for start, count in spans:
         n = count * bs
-        sink.write(start * bs, payload[pos:pos + n])
+        sink.write(start * bs, view[pos:pos + n])
         pos += n
 
 
@@ -3023,6 +3543,11 @@ class Member:
         """Bytes a scan reads from disk (for progress over several members)."""
         return sum(os.path.getsize(p) for p in self.paths())
 
+    def extents(self, ctx):
+        """(offset, length) runs of used data, in order (default: all of it)."""
+        size = self.size if self.size is not None else self.open(ctx).size
+        return iter([(0, size)] if size else [])
+
 
 class ImageMember(Member):
     """A partition image file (partclone, ntfsclone, partimage or raw),
@@ -3091,6 +3616,35 @@ class ImageMember(Member):
         ctx.closers.append(close)
         self.size = part.size
         return part
+
+    def extents(self, ctx):
+        part = self.open(ctx)
+        if isinstance(part, BlockPartition):
+            bs, size = part.bs, part.size
+            runs = ((s * bs, n * bs) for s, n in part.image.runs())
+        elif isinstance(part, NtfsPartition):
+            bs, size = part.cs, part.size
+            runs = ((s * bs, n * bs) for s, n in zip(part.index.starts, part.index.counts))
+        else:
+            return Member.extents(self, ctx)
+        return merge_extents(runs, size)
+
+
+def merge_extents(runs, size):
+    """Sorted (offset, length) runs joined where they touch, cut at size."""
+    cur_start = cur_end = None
+    for start, length in runs:
+        end = min(start + length, size)
+        if end <= start:
+            continue
+        if cur_end is not None and start <= cur_end:
+            cur_end = max(cur_end, end)
+            continue
+        if cur_end is not None:
+            yield cur_start, cur_end - cur_start
+        cur_start, cur_end = start, end
+    if cur_end is not None:
+        yield cur_start, cur_end - cur_start
 
 
 class SliceMember(Member):
@@ -3185,6 +3739,7 @@ class Backup:
 
     def __init__(self, path, members):
         self.path, self.members = path, members
+        self.checked, self.unchecked, self.notes = [], [], []
 
     def disks(self):
         return [m for m in self.members if m.kind == "disk"]
@@ -3225,9 +3780,9 @@ class Backup:
         """Checks of the backup as a whole, after the scans (sums files, tables);
         report_to(member name or None) gives the report function."""
 
-    def tap_requests(self):
-        """{file: hash names} that checks() will want: taken from the reads
-        the scans make anyway (FILE_TAPS), so each file is read once."""
+    def taps(self):
+        """{file: FileTap} for what checks() will want of whole files: taken
+        from the reads the scans make anyway, so each file is read once."""
         return {}
 
     def paths(self):
@@ -3246,8 +3801,108 @@ class Backup:
                 m._image = None
 
 
-class ImageBackup(Backup):
-    """One partition image."""
+SIDECAR_EXTS = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512", "b2", "b3")
+SUMS_LIST_RE = re.compile(r"(?i)^(md5|sha1|sha224|sha256|sha384|sha512|b2|b3)sums?(\.txt)?$")
+
+
+class SidecarChecks:
+    """What people keep beside a plain image file, checked by verify from the
+    same read as the image: sidecars (disk.img.sha256, disk.img.md5sum ...),
+    lists in the same folder that name it (SHA256SUMS, MD5SUMS, GNU or BSD
+    lines; a split set piece by piece), and par2 sets (disk.img.par2,
+    disk.img.vol*.par2).  The hashes are of the files as stored."""
+
+    def _sidecars(self):
+        """[(SumEntry, list file name, image path)] naming the image's files."""
+        if getattr(self, "_sums", None) is not None:
+            return self._sums
+        self._sums = []
+        files = {os.path.basename(p): p for p in self.paths()}
+        if not files:
+            return self._sums
+        folder = os.path.dirname(next(iter(files.values()))) or "."
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            return self._sums
+        for n in names:
+            sidecar = any(n.lower() in ("%s.%s" % (f.lower(), e), "%s.%ssum" % (f.lower(), e))
+                          for f in files for e in SIDECAR_EXTS)
+            if not (sidecar or SUMS_LIST_RE.match(n)):
+                continue
+            try:
+                entries, _bad = parse_sums(os.path.join(folder, n))
+            except FormatError as e:
+                self.unchecked.append(str(e))
+                continue
+            for e in entries:
+                if e.name is not None and os.path.basename(e.name) in files:
+                    self._sums.append((e, n, files[os.path.basename(e.name)]))
+        return self._sums
+
+    def taps(self):
+        wants = {}
+        for e, _n, path in self._sidecars():
+            wants.setdefault(path, set()).add(e.algo)
+        taps = {}
+        for path in self.paths():
+            par2 = None
+            if par2_files(path):
+                try:
+                    par2 = Par2Check(Par2Set.open(path), os.path.basename(path))
+                except FormatError as e:
+                    self.unchecked.append("par2 set of %s: %s" % (os.path.basename(path), e))
+            if par2 is not None or path in wants:
+                taps[path] = FileTap(path, wants.get(path, ()), par2)
+        return taps
+
+    def checks(self, report_to, say):
+        report = report_to(None)
+        whole = set()                    # files vouched for as a whole
+        for e, listed_in, path in self._sidecars():
+            got = file_digest(path, e.algo)
+            name = os.path.basename(path)
+            if got is None:
+                self.unchecked.append("%s of %s in %s (%s)" % (
+                    e.algo.upper(), name, listed_in, "pip install blake3" if e.algo == "blake3"
+                    else "cannot be computed here"))
+            elif got != e.hexdigest:
+                report(Problem("checksum", "%s does not match its %s in %s (line %d)"
+                               % (name, e.algo.upper(), listed_in, e.line)))
+            else:
+                self.checked.append("%s of %s matches %s" % (e.algo.upper(), name, listed_in))
+                whole.add(path)
+        for path in self.paths():
+            tap = FILE_TAPS.get(os.path.realpath(path))
+            result = tap.par2_result() if tap is not None and tap.has_par2 else None
+            if result is None:
+                continue
+            name, par2 = os.path.basename(path), os.path.basename(par2_files(path)[0])
+            for i, start, end in result.damaged or ():
+                report(Problem("checksum", "par2: slice %d of %s is damaged" % (i, name),
+                               byte_range=(start, end), unit="file"))
+            if not result.length_ok:
+                report(Problem("truncated" if result.seen < result.length else "structure",
+                               "par2: %s holds %d bytes, the set says %d"
+                               % (name, result.seen, result.length)))
+            if result.ok:
+                self.checked.append("par2: all %d slices of %s intact (%d recovery slices in "
+                                    "%s)" % (result.slices, name, result.recovery_slices, par2))
+                whole.add(path)
+            elif result.repairable:
+                self.notes.append("par2: %d damaged slice(s) of %s, %d recovery slices present: "
+                                  "repairable with 'par2 r %s'"
+                                  % (len(result.damaged or ()), name, result.recovery_slices,
+                                     par2_files(path)[0]))
+            else:
+                self.notes.append("par2: %d damaged slice(s) of %s but only %d recovery slices: "
+                                  "par2 cannot repair it" % (len(result.damaged or ()), name,
+                                                             result.recovery_slices))
+        self.covers_all = bool(whole) and whole >= set(self.paths())
+
+
+class ImageBackup(SidecarChecks, Backup):
+    """One partition image (or a raw image of a bare file system)."""
 
     def __init__(self, member):
         Backup.__init__(self, member.path, [member])
@@ -3257,7 +3912,7 @@ class ImageBackup(Backup):
         return self.members[0].header
 
 
-class RawDiskBackup(Backup):
+class RawDiskBackup(SidecarChecks, Backup):
     """A raw (dd) image of a whole disk: the disk, and a slice per partition."""
 
     format = "raw"
@@ -3441,7 +4096,7 @@ CZ_EXTENDED = ("5", "f", "85")
 
 def cz_read(path, binary=False):
     try:
-        with open(path, "rb") as f:
+        with io.open(path, "rb") as f:
             data = f.read()
     except OSError:
         return None
@@ -3575,6 +4230,17 @@ class AssembledMember(Member):
                  for o, n, src in self.pieces]
         return ComposedReader(self.size, parts)
 
+    def extents(self, ctx):
+        def runs():
+            for offset, length, src in self.pieces:
+                if isinstance(src, Member):
+                    for o, n in src.extents(ctx):
+                        if o < length:
+                            yield offset + o, min(n, length - o)
+                elif src.strip(b"\0"):
+                    yield offset, len(src)
+        return merge_extents(runs(), self.size)
+
 
 class ComposedReader(ReadIntoMixin):
     """Random access to a disk assembled from pieces (see AssembledMember)."""
@@ -3625,7 +4291,6 @@ class ClonezillaBackup(Backup):
         self.names = sorted(os.listdir(path))
         self.fmt = fmt
         self.problems = []                 # found while reading the directory
-        self.checked, self.unchecked = [], []
         self.disk_names = (cz_read(os.path.join(path, "disk")) or "").split()
         self.part_names = (cz_read(os.path.join(path, "parts")) or "").split()
         self.tables = {}                   # disk -> (headers, partitions, size, sector size)
@@ -3916,16 +4581,16 @@ class ClonezillaBackup(Backup):
     def checks(self, report_to, say):
         cz_checks(self, report_to, say)
 
-    def tap_requests(self):
+    def taps(self):
         wants = {}
         for sums in SUMS_FILES:
             text = cz_read(os.path.join(self.dir, sums))
             for line in (text or "").splitlines():
                 parts = line.strip().split(None, 1)
-                if len(parts) == 2 and hash_factory(SUMS_ALGOS[sums]) is not None:
+                if len(parts) == 2 and new_hash(SUMS_ALGOS[sums]) is not None:
                     wants.setdefault(os.path.join(self.dir, parts[1].lstrip("*")),
                                      set()).add(SUMS_ALGOS[sums])
-        return wants
+        return {path: FileTap(path, algos) for path, algos in wants.items()}
 
     def info(self):
         tool, when, cmd = self.saved_by()
@@ -4034,8 +4699,7 @@ def _cz_sums_checks(backup, report):
         if text is None:
             continue
         algo = SUMS_ALGOS[sums]
-        hasher = hash_factory(algo)
-        if hasher is None:
+        if new_hash(algo) is None:
             backup.unchecked.append("%s (BLAKE3): the Python package 'blake3' is not installed "
                                     "(pip install blake3)" % sums)
             continue
@@ -4065,15 +4729,6 @@ def _cz_sums_checks(backup, report):
                                    % os.path.basename(p)))
 
 
-def hash_factory(algo):
-    """A new hash object of `algo`, or None when its package is missing (blake3)."""
-    if algo == "blake3":
-        b3 = optional_module("blake3")
-        return (lambda: b3.blake3()) if b3 is not None else None
-    import hashlib
-    return lambda: hashlib.new(algo)
-
-
 def file_digest(path, algo):
     """Hex digest of a whole file: from the hashes its scan already took
     (FILE_TAPS), else by reading it now.  None when it cannot be read."""
@@ -4082,9 +4737,9 @@ def file_digest(path, algo):
         digest = tap.hexdigest(algo)
         if digest is not None:
             return digest
-    h = hash_factory(algo)()
+    h = new_hash(algo)
     try:
-        with open(path, "rb") as f:
+        with io.open(path, "rb") as f:
             while True:
                 data = f.read(CHUNK)
                 if not data:
@@ -4205,7 +4860,7 @@ class ChunkSession:
         self.time = m.group(1) if m else name
         self.info = {}
         if os.path.exists(os.path.join(path, "info")):
-            with open(os.path.join(path, "info"), "rb") as f:
+            with io.open(os.path.join(path, "info"), "rb") as f:
                 self.info_raw = f.read()
             self.info = keyvals(decode_meta(self.info_raw))
         self.manifest_file = next((os.path.join(path, n) for n in ("manifest.z", "manifest", "hashes")
@@ -4250,7 +4905,7 @@ class ChunkSession:
         return found
 
     def _from_manifest(self):
-        with open(self.manifest_file, "rb") as f:
+        with io.open(self.manifest_file, "rb") as f:
             self.manifest_raw = f.read()
         found = {}
         for n, line in enumerate(decode_meta(self.manifest_raw).splitlines(), 1):
@@ -4279,7 +4934,7 @@ class ChunkVolume:
         self.volinfo = {}
         vi = os.path.join(path, "volinfo")
         if os.path.exists(vi):
-            with open(vi, "rb") as f:
+            with io.open(vi, "rb") as f:
                 self.volinfo_raw = f.read()
             self.volinfo = keyvals(decode_meta(self.volinfo_raw))
             self.name = self.volinfo.get("name") or name
@@ -4343,7 +4998,7 @@ class ChunkVolume:
     @staticmethod
     def _stored(session, addr):
         try:
-            with open(session.chunk_path(addr), "rb") as f:
+            with io.open(session.chunk_path(addr), "rb") as f:
                 return f.read()
         except OSError as e:
             raise ContainerError("%s: chunk x%016x: %s" % (session.name, addr, e.strerror))
@@ -4361,7 +5016,7 @@ class ChunkArchive:
         ini = os.path.join(path, "archive.ini")
         if not os.path.exists(ini):
             return
-        with open(ini, "rb") as f:
+        with io.open(ini, "rb") as f:
             raw = f.read()
         self.raw = raw
         import configparser
@@ -4558,6 +5213,10 @@ class ChunkMember(Member):
     def reader(self, ctx):
         return ChunkReader(self)
 
+    def extents(self, ctx):
+        return merge_extents(((a, self.expect(a)) for a in sorted(self.view)
+                              if self.view[a][1] != 0), self.size)
+
 
 class _Covered:
     """What a scan that is not an image's vouches for (see Image.coverage)."""
@@ -4614,7 +5273,6 @@ class ChunkBackup(Backup):
         self.all_sessions = all_sessions
         self.noun = "sessions" if all_sessions else "volumes"
         Backup.__init__(self, path, [ChunkMember(volume, session)])
-        self.checked, self.unchecked = [], []
 
     def describe(self):
         v = self.volume
@@ -4662,7 +5320,7 @@ class ChunkBackup(Backup):
 
 def _chunk_codec(session, addr):
     try:
-        with open(session.chunk_path(addr), "rb") as f:
+        with io.open(session.chunk_path(addr), "rb") as f:
             head = f.read(8)
     except OSError:
         return None
@@ -4730,7 +5388,7 @@ class ChunkLRU:
     """Decoded chunks by seek point number, least recently used dropped first."""
 
     def __init__(self, budget):
-        from collections import OrderedDict
+        from collections import OrderedDict, namedtuple
         self.budget, self.used, self.items = budget, 0, OrderedDict()
         self.lock = threading.Lock()
 
@@ -6444,7 +7102,7 @@ def mounts_at(path):
     path = os.path.realpath(path)
     found = []
     try:
-        with open("/proc/self/mountinfo") as f:
+        with io.open("/proc/self/mountinfo") as f:
             for line in f:
                 fields = line.split()
                 sep = fields.index("-")
@@ -6526,6 +7184,376 @@ class StreamSink:
 
     def finish(self, size):
         self._zeros(size - self.pos)
+
+
+# ===========================================================================
+# Verification and the Python API
+# ===========================================================================
+#
+# verify_backup() is what `verify` does, without printing: every member is
+# scanned (side by side, one per core), then the backup's own checks run
+# (sums files, tables, hash chains), and a Report says what was found and
+# what the checks covered.  The public API (vimage.open and VirtualImage,
+# listed in __all__) serves a backup and each of its members as objects with
+# info(), read(), raw(), blocks(), used_extents() and verify().
+
+class Report:
+    """What verify found.  problems: Problem objects (kind, message,
+    image_offset, byte_range, block_range, member); members: (name, level,
+    words) with level 'full', 'partial' or 'none' (what the checks vouch
+    for); checked/unchecked: the backup's own checks done and not done."""
+
+    def __init__(self, noun="partitions"):
+        self.problems, self.members = [], []
+        self.checked, self.unchecked, self.notes = [], [], []
+        self.noun, self.size, self.seconds = noun, 0, 0.0
+
+    @property
+    def ok(self):
+        return not self.problems
+
+    def verdict(self):
+        """The summary line (without the input's name)."""
+        if self.problems:
+            return "FAILED: %s" % summary_of(self.problems)
+        levels = {level for _n, level, _w in self.members}
+        if self.checked:
+            levels.add("full")
+        if len(self.members) > 1:
+            words = ["%d of %d %s %s" % (sum(1 for _n, l, _w in self.members if l == level),
+                                         len(self.members), self.noun,
+                                         {"full": "verified", "partial": "partly verified",
+                                          "none": "not verified"}[level])
+                     for level in ("full", "partial", "none")
+                     if any(l == level for _n, l, _w in self.members)]
+        else:
+            words = [w for _n, _l, w in self.members if w]
+        words += self.checked
+        head = "OK: " if levels == {"full"} else "partly verified: " if levels & {"full", "partial"} \
+            else "not verified: " if len(self.members) > 1 else ""
+        return "%s%s; %s in %.1f s" % (head, "; ".join(words), human(self.size), self.seconds)
+
+
+def verify_backup(backup, on_problem=None, on_member=None, progress=None, stdin=False,
+                  say=None):
+    """Verify every member and the backup's own checks; a Report."""
+    members = backup.verify_members()
+    report = Report(backup.noun)
+    lock = threading.Lock()
+    for path, tap in backup.taps().items():
+        FILE_TAPS[os.path.realpath(path)] = tap
+    if progress is not None and not stdin:
+        progress.bar.total = sum(m.input_size() for m in members)
+
+    def reporter(name):
+        def report_one(p):
+            p.member = name
+            with lock:
+                report.problems.append(p)
+            if on_problem:
+                on_problem(name, p)
+        return report_one
+
+    def scan(m):
+        report_one = reporter(m.name)
+        try:
+            image = m.scan(NullSink(), report_one, progress.part() if progress else None)
+            level, words = image.coverage() if image is not None else ("full", "verified")
+        except VimageError as e:
+            report_one(Problem("unreadable", str(e)))
+            level, words = "none", "not read to the end"
+        if on_member:
+            on_member(m.name, level, words, [p for p in report.problems if p.member == m.name])
+        return m.name, level, words
+    start = time.monotonic()
+    try:
+        # several images are checked side by side, one per core (the
+        # decompressors and hashes release the GIL)
+        workers = min(len(members), os.cpu_count() or 1, 4)
+        if workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(workers) as pool:
+                report.members = list(pool.map(scan, members))
+        else:
+            report.members = [scan(m) for m in members]
+        backup.checks(reporter, say or (lambda text: None))
+    finally:
+        for tap in FILE_TAPS.values():
+            tap.close()
+        FILE_TAPS.clear()
+    report.seconds = time.monotonic() - start
+    report.size = sum(m.size or 0 for m in members)
+    report.checked, report.unchecked = list(backup.checked), list(backup.unchecked)
+    report.notes = list(backup.notes)
+    if getattr(backup, "covers_all", False):
+        # the image files as stored are vouched for whole (sums, par2)
+        report.members = [(n, "full", None) for n, _l, _w in report.members]
+    return report
+
+
+class VirtualImage:
+    """A backup, or one partition, disk or volume of it, as vimage serves it.
+
+    open() gives one for what a path names; .partitions, .disk and .disks
+    give the members of a backup that holds several, each a VirtualImage
+    too.  Reading needs no mount: read(), readinto() and raw() go through
+    the same random access as `mount` (a compressed image gets its seek
+    index on the first read)."""
+
+    def __init__(self, backup, member, ctx, owner=None):
+        self._backup, self._member, self._ctx = backup, member, ctx
+        self._owner = owner
+        self._reader = None
+        self._children = None
+
+    # --- what it is -------------------------------------------------------
+    @property
+    def name(self):
+        return self._member.name if self._member else os.path.basename(self._backup.path)
+
+    @property
+    def kind(self):
+        return self._member.kind if self._member else "backup"
+
+    @property
+    def size(self):
+        """Bytes of the partition, disk or volume (None for a backup that
+        holds several and no single disk)."""
+        if self._member is None:
+            return None
+        if self._member.size is None:
+            self._open()
+        return self._member.size
+
+    def info(self):
+        """The same dict as `info --json` (for a member: its own part of it)."""
+        if self._owner is None:
+            return self._backup.info()
+        return self._member.info()
+
+    def _kids(self):
+        if self._children is None:
+            self._children = [VirtualImage(self._backup, m, self._ctx, self)
+                              for m in self._backup.members]
+        return self._children
+
+    @property
+    def partitions(self):
+        """The partitions (or volumes) of a backup that holds several; []
+        for a single partition image."""
+        if self._owner is not None or len(self._backup.members) == 1:
+            return []
+        return [v for v in self._kids() if v.kind != "disk"]
+
+    @property
+    def disks(self):
+        return [] if self._owner is not None else [v for v in self._kids() if v.kind == "disk"]
+
+    @property
+    def disk(self):
+        disks = self.disks
+        return disks[0] if len(disks) == 1 else None
+
+    # --- reading ------------------------------------------------------------
+    def _open(self):
+        if self._reader is None:
+            if self._member is None:
+                raise VimageError("%s holds several partitions and no single disk; read one of "
+                                  ".partitions" % self._backup.path)
+            self._reader = self._member.open(self._ctx)
+            if self._member.size is None:
+                self._member.size = self._reader.size
+        return self._reader
+
+    def read(self, offset, size):
+        """Bytes [offset, offset+size), cut at the end."""
+        return self._open().read(offset, size)
+
+    def readinto(self, offset, buffer):
+        """Fill buffer (any writable bytes-like object) from offset; returns
+        the number of bytes, fewer only at the end."""
+        reader = self._open()
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), reader.size - offset))
+        if n:
+            reader.readinto(offset, view[:n])
+        return n
+
+    def raw(self):
+        """A read-only, seekable binary file object over the bytes."""
+        return _RawView(self)
+
+    def used_extents(self):
+        """(offset, length) runs that hold data, in order; the rest reads as zeros."""
+        if self._member is None:
+            raise VimageError("%s holds several partitions; ask one of them" % self._backup.path)
+        return self._member.extents(self._ctx)
+
+    def blocks(self, verify=True):
+        """(offset, bytes) of the data in order, in large pieces, from one
+        pass over the image; the checksums are checked as they pass (a
+        mismatch raises ChecksumError there; verify=False hands the data on)."""
+        if self._member is None:
+            raise VimageError("%s holds several partitions; ask one of them" % self._backup.path)
+        return _scan_blocks(self._member, verify)
+
+    def verify(self, progress=None):
+        """Check everything, as the verify command does; a Report.  progress,
+        when given, is called with (bytes done, bytes in all)."""
+        shared = _CallbackProgress(progress) if progress else None
+        if self._owner is None:
+            return verify_backup(self._backup, progress=shared)
+        sub = Backup(self._backup.path, [self._member])
+        return verify_backup(sub, progress=shared)
+
+    # --- lifetime -------------------------------------------------------------
+    def close(self):
+        if self._owner is None:
+            self._ctx.close(True)
+            self._backup.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return "<vimage %s %s, %s>" % (self.kind, self.name,
+                                      human(self._member.size) if self._member else "several")
+
+
+class _CallbackProgress:
+    """verify's progress handed to a user's callback(done, total)."""
+
+    def __init__(self, callback):
+        self.callback, self.done = callback, {}
+        self.bar = self
+        self.total = None
+
+    def part(self):
+        return _CallbackPart(self)
+
+
+class _CallbackPart:
+    def __init__(self, shared):
+        self.shared = shared
+
+    def update_to(self, done):
+        self.shared.done[id(self)] = done
+        self.shared.callback(sum(self.shared.done.values()), self.shared.total)
+
+    def close(self):
+        pass
+
+
+class _RawView(io.RawIOBase):
+    """VirtualImage.raw(): a seekable, read-only file object."""
+
+    def __init__(self, vi):
+        io.RawIOBase.__init__(self)
+        self.vi, self.pos = vi, 0
+        self.length = vi.size
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def readinto(self, b):
+        n = self.vi.readinto(self.pos, b)
+        self.pos += n
+        return n
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self.pos = base + offset
+        return self.pos
+
+    def tell(self):
+        return self.pos
+
+
+class _QueueSink:
+    """blocks(): the scan, in a thread of its own, hands its writes over here."""
+
+    wants_data = True
+
+    def __init__(self, queue, stop):
+        self.queue, self.stop = queue, stop
+
+    def write(self, offset, data):
+        if self.stop.is_set():
+            raise _Stopped()
+        self.queue.put((offset, data if isinstance(data, bytes) else bytes(data)))
+
+    def finish(self, size):
+        pass
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _scan_blocks(member, verify):
+    import queue as queuelib
+    q, stop = queuelib.Queue(maxsize=4), threading.Event()
+    end = object()
+
+    def report(p):
+        if verify or p.kind in ("truncated", "unreadable", "missing"):
+            raise ChecksumError(str(p)) if p.kind == "checksum" else FormatError(str(p))
+
+    def work():
+        try:
+            member.scan(_QueueSink(q, stop), report)
+            q.put(end)
+        except _Stopped:
+            pass
+        except BaseException as e:         # handed to the reader of the blocks
+            q.put(e)
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get(timeout=0.1)
+            except queuelib.Empty:
+                pass
+
+
+def api_open(path, *, verify_reads=False, cache_dir=None, index=None, volume=None, session=None,
+             format=None):
+    """Open anything the command line takes: a partition image (split,
+    compressed), a raw disk image, a Clonezilla image directory, a
+    sparsebak/Wyng archive (volume=, session=).  A VirtualImage; use it as a
+    context manager (or close() it)."""
+    backup = open_backup(path, format, volume=volume, session=session)
+    ctx = OpenContext(DEFAULT_INDEX_BITS, verify_reads, True, cache_dir=cache_dir,
+                      index_file=index)
+    try:
+        member = backup.default_member()
+    except VimageError:
+        member = None
+    return VirtualImage(backup, member, ctx)
+
+
+open = api_open          # vimage.open(); the module itself calls io.open for files
+__all__ = ["open", "VirtualImage", "Report", "Problem", "VimageError", "FormatError",
+           "ContainerError", "ChecksumError", "MissingDependency", "OutputError", "main",
+           "__version__"]
 
 
 # ===========================================================================
@@ -6611,92 +7639,31 @@ def cmd_info(args):
         backup.close()
 
 
-class Findings:
-    """What verify found, per member, printed as it comes."""
-
-    def __init__(self, several):
-        self.several = several
-        self.items = []                  # (member name, Problem)
-
-    def reporter(self, name):
-        def report(p):
-            self.items.append((name, p))
-            print("BAD: %s%s" % ("%s: " % name if self.several and name else "", p), flush=True)
-        return report
-
-    def of(self, name):
-        return [p for n, p in self.items if n == name]
-
-
 def cmd_verify(args):
     backup = open_input(args)
-    try:
-        members = backup.verify_members()
-        several = len(members) > 1
-        say(args, "%s: %s" % (args.image, backup_line(backup)))
-        findings = Findings(several)
-        for path, algos in backup.tap_requests().items():
-            FILE_TAPS[os.path.realpath(path)] = FileTap(path, algos)
-        total = sum(m.input_size() for m in members) if args.image != "-" else None
-        progress = SharedProgress(total, "verify", args.quiet)
-        start = time.monotonic()
+    several = len(backup.verify_members()) > 1
+    say(args, "%s: %s" % (args.image, backup_line(backup)))
 
-        def scan(m):
-            report = findings.reporter(m.name)
-            try:
-                image = m.scan(NullSink(), report, progress.part())
-                level, what = image.coverage() if image is not None else ("full", "verified")
-            except VimageError as e:
-                report(Problem("unreadable", str(e)))
-                level, what = "none", "not read to the end"
-            if several:
-                bad = findings.of(m.name)
-                print("%s: %s: %s" % (m.name, "FAILED" if bad else VERDICT[level],
-                                      summary_of(bad) if bad else what), flush=True)
-            return m, level, what
-        try:
-            # several images are checked side by side, one per core (the
-            # decompressors and hashes release the GIL)
-            workers = min(len(members), os.cpu_count() or 1, 4)
-            if workers > 1:
-                from concurrent.futures import ThreadPoolExecutor
-                with ThreadPoolExecutor(workers) as pool:
-                    covered = list(pool.map(scan, members))
-            else:
-                covered = [scan(m) for m in members]
-            backup.checks(findings.reporter, lambda text: say(args, text))
-        finally:
-            progress.close()
-        took = time.monotonic() - start
+    def on_problem(name, p):
+        print("BAD: %s%s" % ("%s: " % name if several and name else "", p), flush=True)
+
+    def on_member(name, level, words, bad):
+        if several:
+            print("%s: %s: %s" % (name, "FAILED" if bad else VERDICT[level],
+                                  summary_of(bad) if bad else words), flush=True)
+    progress = SharedProgress(None, "verify", args.quiet)
+    try:
+        report = verify_backup(backup, on_problem, on_member, progress,
+                               stdin=args.image == "-", say=lambda text: say(args, text))
     finally:
-        FILE_TAPS.clear()
+        progress.close()
         backup.close()
-    checked = list(getattr(backup, "checked", []))     # the backup's own sums and tables
-    unchecked = list(getattr(backup, "unchecked", []))
-    if findings.items:
-        print("%s: FAILED: %s" % (args.image, summary_of([p for _n, p in findings.items])))
-        for line in unchecked:
-            print("%s: not checked: %s" % (args.image, line))
-        return 1
-    levels = {level for _m, level, _w in covered}
-    if checked:
-        levels.add("full")
-    size = sum(m.size or 0 for m in members)
-    if several:
-        words = ["%d of %d %s %s" % (sum(1 for _m, l, _w in covered if l == level), len(covered),
-                                     backup.noun,
-                                     {"full": "verified", "partial": "partly verified",
-                                      "none": "not verified"}[level])
-                 for level in ("full", "partial", "none") if any(l == level for _m, l, _w in covered)]
-    else:
-        words = [covered[0][2]] if covered else []
-    words += checked
-    verdict = "OK: " if levels == {"full"} else "partly verified: " if "full" in levels or \
-        "partial" in levels else "" if not several else "not verified: "
-    print("%s: %s%s; %s in %.1f s" % (args.image, verdict, "; ".join(words), human(size), took))
-    for line in unchecked:
+    print("%s: %s" % (args.image, report.verdict()))
+    for line in report.notes:
+        print("%s: %s" % (args.image, line))
+    for line in report.unchecked:
         print("%s: not checked: %s" % (args.image, line))
-    return 0
+    return 0 if report.ok else 1
 
 
 VERDICT = {"full": "OK", "partial": "partly verified", "none": "not verified"}
@@ -6927,7 +7894,7 @@ def vimage_mount_above(path):
     path = os.path.realpath(path)
     tops = []
     try:
-        with open("/proc/self/mountinfo") as f:
+        with io.open("/proc/self/mountinfo") as f:
             for line in f:
                 fields = line.split()
                 sep = fields.index("-")
@@ -6938,7 +7905,7 @@ def vimage_mount_above(path):
     try:
         for entry in os.listdir(RUN_DIR):
             if entry.endswith(".json"):
-                with open(os.path.join(RUN_DIR, entry)) as f:
+                with io.open(os.path.join(RUN_DIR, entry)) as f:
                     tops.append(json.load(f).get("mountpoint") or "")
     except (OSError, ValueError):
         pass
@@ -7197,7 +8164,7 @@ def unmount_layers_of(fuse_dir, plan):
     layers = plan.layers
     try:
         if not untrusted_reason(state_path(fuse_dir)):
-            with open(state_path(fuse_dir)) as f:
+            with io.open(state_path(fuse_dir)) as f:
                 layers = json.load(f).get("layers") or layers
     except (OSError, ValueError):
         pass
@@ -7227,7 +8194,7 @@ def cmd_umount(args):
                 if untrusted_reason(path):
                     continue
                 try:
-                    with open(path) as f:
+                    with io.open(path) as f:
                         d = json.load(f)
                 except (OSError, ValueError):
                     continue

@@ -251,3 +251,89 @@ def test_bad_tables_are_reported_not_trusted(damage, disks, tmp_path):
         assert "bad.img-part1" not in names
     if damage == "overlap":
         assert "bad.img-part3" not in names
+
+
+# --- what people keep beside a dd image: sidecars, sums lists, par2 ------------
+
+def keep_like_a_user(disks, tmp_path, name="mbr.img"):
+    """dd image + `sha224sum > .sha224` + a BSD-tag SHA256SUMS + `par2 c -r15`."""
+    if not (have("par2") and have("sha224sum")):
+        pytest.skip("needs par2 and coreutils")
+    d = tmp_path / "backup"
+    d.mkdir()
+    shutil.copy(disks / name, d / "disk.img")
+    subprocess.run("sha224sum disk.img > disk.img.sha224 && sha256sum --tag disk.img > SHA256SUMS"
+                   " && par2 c -q -q -r15 disk.img", shell=True, cwd=str(d), check=True,
+                   stdout=subprocess.DEVNULL)
+    return d
+
+
+def test_verify_checks_sidecars_and_par2(disks, tmp_path):
+    d = keep_like_a_user(disks, tmp_path)
+    proc = run("verify", "-q", d / "disk.img")
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, out
+    assert ": OK: " in out and "SHA224 of disk.img matches disk.img.sha224" in out
+    assert "SHA256 of disk.img matches SHA256SUMS" in out and "par2: all " in out
+
+
+def test_flipped_byte_is_named_and_par2_repairs_it(disks, tmp_path):
+    d = keep_like_a_user(disks, tmp_path)
+    img = d / "disk.img"
+    where = 9 * 1024 * 1024 + 12345
+    data = bytearray(img.read_bytes())
+    data[where] ^= 0xFF
+    img.write_bytes(bytes(data))
+    proc = run("verify", "-q", img)
+    out = proc.stdout.decode()
+    assert proc.returncode == 1, out
+    assert "disk.img does not match its SHA224 in disk.img.sha224" in out
+    assert "disk.img does not match its SHA256 in SHA256SUMS" in out
+    import re
+    m = re.search(r"par2: slice (\d+) of disk.img is damaged, file bytes (\d+)-(\d+)", out)
+    assert m and int(m.group(2)) <= where <= int(m.group(3)), out
+    assert "repairable with 'par2 r " in out
+    # and par2 really repairs it; then all is well again
+    subprocess.run(["par2", "r", "-q", "-q", str(d / "disk.img.par2")], cwd=str(d), check=True,
+                   stdout=subprocess.DEVNULL)
+    assert sha256_file(img) == TRUTH["mbr.img"]["sha256"]
+    assert run("verify", "-q", img).returncode == 0
+
+
+def test_par2_without_recovery_slices_cannot_repair(disks, tmp_path):
+    d = keep_like_a_user(disks, tmp_path)
+    for n in os.listdir(d):
+        if ".vol" in n:
+            os.unlink(d / n)
+    img = d / "disk.img"
+    data = bytearray(img.read_bytes())
+    data[100000] ^= 1
+    img.write_bytes(bytes(data))
+    proc = run("verify", "-q", img)
+    assert proc.returncode == 1 and b"par2 cannot repair it" in proc.stdout
+
+
+def test_nothing_to_check_says_so(disks):
+    proc = run("verify", "-q", disks / "gpt4k.img")
+    assert proc.returncode == 0
+    assert b": no checksums: nothing verified;" in proc.stdout and b"OK" not in proc.stdout
+
+
+def test_sums_of_a_split_compressed_image(tmp_path):
+    """disk.img.gz split into pieces; SHA256SUMS names each piece as stored."""
+    d = tmp_path / "b"
+    d.mkdir()
+    shutil.copy(os.path.join(RAWDISK, "mbr.img.gz"), d / "disk.img.gz")
+    subprocess.run("split -a 2 -b 300000 disk.img.gz disk.img.gz. && rm disk.img.gz && "
+                   "sha256sum disk.img.gz.* > SHA256SUMS && md5sum disk.img.gz.aa > "
+                   "disk.img.gz.aa.md5", shell=True, cwd=str(d), check=True)
+    proc = run("verify", "-q", d / "disk.img.gz.aa")
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, out
+    assert out.count("SHA256 of disk.img.gz.a") == 3 and "MD5 of disk.img.gz.aa" in out
+    piece = d / "disk.img.gz.ab"
+    data = bytearray(piece.read_bytes())
+    data[-10] ^= 1
+    piece.write_bytes(bytes(data))
+    proc = run("verify", "-q", d / "disk.img.gz.aa")
+    assert proc.returncode == 1 and b"disk.img.gz.ab does not match its SHA256" in proc.stdout
