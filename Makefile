@@ -2,10 +2,11 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-PIP_PACKAGES := pytest hypothesis vermin xxhash zstandard lz4 fusepy tqdm
+PIP_PACKAGES := pytest hypothesis vermin xxhash zstandard lz4 fusepy tqdm blake3
 DEB_PACKAGES := partclone partimage ntfs-3g libfuse2 fuse3 dosfstools mtools e2fsprogs \
                 pigz lbzip2 lzip lzop zstd lz4 xz-utils bzip2 liblzo2-dev util-linux \
-                fusefat exfat-fuse btrfs-progs xfsprogs
+                fusefat exfat-fuse btrfs-progs xfsprogs par2 exfatprogs f2fs-tools gdisk \
+                parted fdisk
 DEMO   := build/demo
 
 .PHONY: all setup debs demo test bench testdata clean
@@ -33,28 +34,36 @@ setup: debs $(VENV)/.ready
 
 demo: setup
 	@rm -rf $(DEMO) && mkdir -p $(DEMO)/mnt
+	@echo "== a split, pigz-compressed partclone image"
 	$(PY) vimage.py info testdata/sda1.ext4-ptcl-img.gz.aa
 	$(PY) vimage.py verify testdata/sda1.ext4-ptcl-img.gz.aa
 	$(PY) vimage.py extract testdata/sda1.ext4-ptcl-img.gz.aa $(DEMO)/sda1.raw
 	@echo "restored:" $$(sha256sum < $(DEMO)/sda1.raw | cut -c1-64)
 	@echo "expected:" $$($(PY) -c "import json;print(json.load(open('testdata/expected.json'))['sda1.ext4-ptcl-img.gz.aa']['sha256'])")
+	@echo "== a whole Clonezilla image directory (MBR, logical partitions, swap, zstd in 1 MB pieces)"
+	$(PY) vimage.py info testdata/clonezilla/mbr-zstd-split
+	$(PY) vimage.py verify testdata/clonezilla/mbr-zstd-split
+	$(PY) vimage.py extract testdata/clonezilla/mbr-zstd-split $(DEMO)/disk.img
+	@echo "restored disk:" $$(sha256sum < $(DEMO)/disk.img | cut -c1-64)
+	@echo "ocs-sr truth: " $$($(PY) -c "import json;print(json.load(open('testdata/clonezilla/expected.json'))['mbr-zstd-split']['disks'][0]['sha256'])")
 	@if [ "$$(id -u)" = 0 ] && [ -e /dev/fuse ]; then \
 	  set -e; \
-	  $(PY) vimage.py mount testdata/ext4-a3-xxh128.ptcl-img $(DEMO)/mnt; \
-	  echo "virtual file:" $$(sha256sum < $(DEMO)/mnt/ext4-a3-xxh128.ptcl-img | cut -c1-64); \
+	  $(PY) vimage.py mount testdata/clonezilla/mbr-zstd-split $(DEMO)/mnt; \
+	  ls -l $(DEMO)/mnt; sfdisk -d $(DEMO)/mnt/loop0; \
 	  $(PY) vimage.py umount $(DEMO)/mnt; \
-	  $(PY) vimage.py mount --files testdata/ext4-a3-xxh128.ptcl-img $(DEMO)/mnt; \
-	  ls -la $(DEMO)/mnt; \
+	  echo "== the files of every partition, straight from the backup"; \
+	  $(PY) vimage.py mount --files --cache-dir $(DEMO)/cache testdata/clonezilla/mbr-zstd-split $(DEMO)/mnt; \
+	  ls -l $(DEMO)/mnt $(DEMO)/mnt/loop0p1; \
 	  $(PY) vimage.py umount $(DEMO)/mnt; \
-	  echo "the split, pigz-compressed image, mounted in place:"; \
-	  $(PY) vimage.py mount --files --cache-dir $(DEMO)/cache testdata/sda1.ext4-ptcl-img.gz.aa $(DEMO)/mnt; \
-	  ls -la $(DEMO)/mnt/text; head -3 $(DEMO)/mnt/text/lorem.txt; \
+	  echo "== session 2 of a real Wyng archive, mounted"; \
+	  $(PY) vimage.py mount --files --session 20261203-155447 testdata/wyng/ext4-zlib $(DEMO)/mnt; \
+	  ls -l $(DEMO)/mnt; \
 	  $(PY) vimage.py umount $(DEMO)/mnt; \
 	else echo "(mount demo skipped: needs root and /dev/fuse)"; fi
 
 test: setup
 	$(VENV)/bin/vermin -t=3.8- --violations --no-tips vimage.py
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 bench: setup
 	$(PY) tests/bench.py

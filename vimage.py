@@ -5080,7 +5080,8 @@ def _has_sessions(path):
 
 def detect_chunk_archive(path, volume=None, session=None, all_sessions=False, **_options):
     """A sparsebak/Wyng archive folder, volume folder, or one session folder."""
-    path = os.path.normpath(path)
+    shown = path
+    path = os.path.abspath(path)      # chunks are opened as they are read, after a mount's chdir
     chosen = session
     base = os.path.basename(path)
     if SESSION_RE.match(base) and _has_sessions(os.path.dirname(path)):
@@ -5120,7 +5121,7 @@ def detect_chunk_archive(path, volume=None, session=None, all_sessions=False, **
         vol = ChunkVolume(vol_dir, os.path.basename(vol_dir),
                           archive if archive.chunk_size or archive.v3 else None)
         volumes = [vol]
-    return ChunkBackup(path, archive, volumes, vol, vol.session(chosen), all_sessions)
+    return ChunkBackup(shown, archive, volumes, vol, vol.session(chosen), all_sessions)
 
 
 class ChunkMember(Member):

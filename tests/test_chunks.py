@@ -224,3 +224,16 @@ def test_mount_files_of_a_volume(mnt, tmp_path):
     assert b"mode = final!" in (mnt / "app.conf").read_bytes()
     assert run("umount", mnt).returncode == 0
     assert not mounted(mnt)
+
+
+@needs_fuse
+def test_mount_from_a_relative_path(mnt):
+    """The chunks are opened as they are read, after the mount process has
+    left the working directory: a relative archive path must still work."""
+    key = "ext4-zlib/ext4vol.img/20261203-155455"
+    proc = subprocess.run([os.sys.executable, os.path.join(ROOT, "vimage.py"), "mount",
+                           "wyng/ext4-zlib", str(mnt)], cwd=TESTDATA, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+    assert proc.returncode == 0, proc.stderr
+    assert sha256_file(mnt / "ext4vol.img") == WYX[key]["sha256"]
+    assert run("umount", mnt).returncode == 0

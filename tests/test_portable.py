@@ -112,3 +112,20 @@ def test_xxh_images_verify_with_the_fallback(monkeypatch, capsys):
         pytest.skip("no XXH image bundled")
     for name in names:
         assert vimage.main(["verify", "-q", image_path(name)]) == 0, name
+
+
+def test_bare_copy_runs_the_api_examples(bare_python, tmp_path):
+    """README's Python API examples, with a bare copy of vimage.py on the path
+    and no optional package (none of them needs one)."""
+    from test_api import EXAMPLES
+    stick = os.path.dirname(bare_copy(tmp_path))
+    env = dict(os.environ, PYTHONPATH=stick)
+    ran = 0
+    for code in EXAMPLES:
+        if "zst" in code:                    # would need zstandard
+            continue
+        proc = subprocess.run([bare_python, "-c", code], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.returncode == 0, (code, proc.stderr.decode()[-2000:])
+        ran += 1
+    assert ran >= 5
