@@ -6924,9 +6924,13 @@ def virtual_name(path):
 
 
 def load_fuse():
-    """The fusepy module (libfuse2), else mfusepy (libfuse3)."""
+    """The fusepy module (libfuse2), else mfusepy (libfuse3); VIMAGE_FUSE=mfusepy
+    or =fuse picks one (to compare them)."""
     errors = []
-    for module in ("fuse", "mfusepy"):
+    order = ("fuse", "mfusepy")
+    if os.environ.get("VIMAGE_FUSE") in order:
+        order = (os.environ["VIMAGE_FUSE"],)
+    for module in order:
         try:
             import importlib
             mod = importlib.import_module(module)
