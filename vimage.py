@@ -455,12 +455,14 @@ class _ThreadedUpdate:
 
 class Segmented:
     """Thread-safe random reads over a list of file segments (see segments()).
+    `single` is the descriptor when there is only one file.
 
     With `watch` set (a mount), every read also checks that the files are
     still the ones opened: an image file that was rewritten, resized or
     deleted meanwhile gives EIO instead of a mix of old and new bytes."""
 
     watch = False
+    single = None
 
     def pread(self, n, offset):
         """Up to n bytes at offset (short only at the end)."""
@@ -477,6 +479,15 @@ class Segmented:
     def preadv_into(self, bufs, offset):
         """Fill the writable buffers `bufs`, in order, from `offset` on: one
         preadv per file segment (and per IOV_MAX buffers), no copies."""
+        if self.single is not None and len(bufs) <= IOV_MAX:     # one file: the short way
+            fd = self.single
+            want = len(bufs[0]) if len(bufs) == 1 else sum(len(b) for b in bufs)
+            got = os.preadv(fd, bufs, offset)
+            if self.watch:
+                self.check(fd)
+            if got != want:
+                raise OSError(errno.EIO, "image is truncated")
+            return
         bufs = list(bufs)
         total = sum(len(b) for b in bufs)
         i = 0
@@ -539,6 +550,7 @@ class FileSource(Segmented, Source):
         self.pos = 0
         self.description = ("%d split pieces" % len(self.paths)) if len(self.paths) > 1 else "file"
         self.taps = [FILE_TAPS.get(os.path.realpath(p)) for p in self.paths] if FILE_TAPS else None
+        self.single = self.fds[0] if len(self.fds) == 1 else None
 
     def check(self, fd):
         """EIO (and one log line) once the file behind fd is not the one opened."""
@@ -596,7 +608,7 @@ class FileSource(Segmented, Source):
                 os.close(fd)
             except OSError:
                 pass
-        self.fds = []
+        self.fds, self.single = [], None
 
 
 class StdinSource(Source):
@@ -6572,7 +6584,30 @@ class BlockPartition(ReadIntoMixin):
 
     def readinto(self, offset, out):
         """Fill `out` with partition bytes from offset on: one preadv per used
-        run straight into out (checksum fields into scratch), zeros between."""
+        run straight into out (checksum fields into scratch), zeros between.
+        A short read (the common 4 KiB one) whose blocks are all used, or all
+        free, is told from one small int of the bitmap."""
+        end = offset + len(out)
+        bs = self.bs
+        first, stop = offset // bs, -(-end // bs)
+        idx = self.index
+        if stop - first <= 64 and stop <= idx.nbits and not idx.bytemap and \
+                not self.verify_reads:
+            bits = (int.from_bytes(idx.bitmap[first >> 3:(stop + 7) >> 3], "little") >>
+                    (first & 7)) & ((1 << (stop - first)) - 1)
+            if bits == (1 << (stop - first)) - 1:
+                d0 = idx.rank(first) * bs + offset - first * bs
+                g, f = self.group, self.field
+                bufs = [out] if not f or d0 // g == (d0 + len(out) - 1) // g else \
+                    field_iovecs(d0, out, g, f)
+                self.source.preadv_into(bufs, self.image_pos(d0))
+                return
+            if not bits:
+                zero_fill(out)
+                return
+        self._readinto(offset, out)
+
+    def _readinto(self, offset, out):
         end = offset + len(out)
         bs, pos = self.bs, offset
         for start, count in self.index.used_runs(offset // bs, -(-end // bs)):
