@@ -4893,6 +4893,52 @@ class ChunkSession:
                 return flat
         return bucketed
 
+    def _tar(self):
+        """{address: (offset, size)} of the chunks of a tar session (--tarfile:
+        S_x/S_x.tar, members named .../S_x-tmp/<bucket>/x<addr>), or None."""
+        if not hasattr(self, "_tar_index"):
+            self._tar_index = None
+            tars = [n for n in os.listdir(self.path) if n.endswith(".tar")]
+            if tars:
+                import tarfile
+                self.tar_path = os.path.join(self.path, tars[0])
+                index = {}
+                try:
+                    with tarfile.open(self.tar_path) as tf:
+                        for member in tf:
+                            m = CHUNK_FILE_RE.match(os.path.basename(member.name))
+                            if m and member.isfile():
+                                index[int(m.group(1), 16)] = (member.offset_data, member.size)
+                except (tarfile.TarError, OSError) as e:
+                    raise FormatError("%s: %s" % (self.tar_path, e))
+                self._tar_index = index
+        return self._tar_index
+
+    def stored(self, addr):
+        """The stored (compressed) bytes of the chunk at addr."""
+        tar = self._tar()
+        try:
+            if tar is not None:
+                if addr not in tar:
+                    raise OSError(errno.ENOENT, "No such file or directory")
+                offset, size = tar[addr]
+                with io.open(self.tar_path, "rb") as f:
+                    f.seek(offset)
+                    return f.read(size)
+            with io.open(self.chunk_path(addr), "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise ContainerError("%s: chunk x%016x: %s" % (self.name, addr, e.strerror))
+
+    def stored_size(self, addr):
+        tar = self._tar()
+        if tar is not None:
+            return tar.get(addr, (0, 0))[1]
+        try:
+            return os.path.getsize(self.chunk_path(addr))
+        except OSError:
+            return 0
+
     def chunks(self):
         """{address: digest, 0 for a zero chunk, or None for a data chunk of
         unknown digest (no manifest)}."""
@@ -4901,6 +4947,9 @@ class ChunkSession:
         return self._chunks
 
     def _from_files(self):
+        tar = self._tar()
+        if tar is not None:
+            return {addr: 0 if size == 0 else None for addr, (_o, size) in tar.items()}
         found = {}
         for entry in os.listdir(self.path):
             full = os.path.join(self.path, entry)
@@ -5009,11 +5058,7 @@ class ChunkVolume:
 
     @staticmethod
     def _stored(session, addr):
-        try:
-            with io.open(session.chunk_path(addr), "rb") as f:
-                return f.read()
-        except OSError as e:
-            raise ContainerError("%s: chunk x%016x: %s" % (session.name, addr, e.strerror))
+        return session.stored(addr)
 
 
 class ChunkArchive:
@@ -5156,7 +5201,7 @@ class ChunkMember(Member):
         for addr, (s, digest) in self.view.items():
             if digest != 0:
                 try:
-                    total += os.path.getsize(s.chunk_path(addr))
+                    total += s.stored_size(addr)
                 except OSError:
                     pass
         return total
@@ -5216,7 +5261,7 @@ class ChunkMember(Member):
                 if sink.wants_data:
                     sink.write(addr, data)
                 try:
-                    done += os.path.getsize(s.chunk_path(addr))
+                    done += s.stored_size(addr)
                 except OSError:
                     pass
                 if progress is not None:
@@ -5333,9 +5378,8 @@ class ChunkBackup(Backup):
 
 def _chunk_codec(session, addr):
     try:
-        with io.open(session.chunk_path(addr), "rb") as f:
-            head = f.read(8)
-    except OSError:
+        head = session.stored(addr)[:8]
+    except VimageError:
         return None
     return next((name for match, name, _d in CHUNK_CODECS if match(head)), "raw" if head else None)
 
@@ -7255,7 +7299,12 @@ class Report:
     def verdict(self):
         """The summary line (without the input's name)."""
         if self.problems:
-            return "FAILED: %s" % summary_of(self.problems)
+            bad = {p.member for p in self.problems}
+            unverified = [n for n, level, _w in self.members if level != "full" and n not in bad]
+            return "FAILED: %s%s" % (summary_of(self.problems), "; besides, %d of %d %s could "
+                                     "not be fully verified (no checksums): %s" % (
+                                         len(unverified), len(self.members), self.noun,
+                                         ", ".join(unverified)) if unverified else "")
         levels = {level for _n, level, _w in self.members}
         if self.checked:
             levels.add("full")

@@ -237,3 +237,30 @@ def test_mount_from_a_relative_path(mnt):
     assert proc.returncode == 0, proc.stderr
     assert sha256_file(mnt / "ext4vol.img") == WYX[key]["sha256"]
     assert run("umount", mnt).returncode == 0
+
+
+def test_tar_sessions(tmp_path):
+    """sparsebak --tarfile (2018-10): each session is S_x/S_x.tar whose members
+    carry the absolute .../S_x-tmp/... path.  Made here from variant D1."""
+    import tarfile
+    v = SBX["variants"]["D1"]
+    vol = tmp_path / "vol"
+    shutil.copytree(os.path.join(SB, v["path"]), vol)
+    for s in v["sessions"]:
+        sdir = vol / s["name"]
+        tar = sdir / (s["name"] + ".tar")
+        with tarfile.open(tar, "w") as tf:
+            for bucket in sorted(os.listdir(sdir)):
+                if len(bucket) == 9 and (sdir / bucket).is_dir():
+                    for chunk in sorted(os.listdir(sdir / bucket)):
+                        tf.add(str(sdir / bucket / chunk), arcname="/sparsebak/qubes_dom0%%pool00/"
+                               "vm-test-private/%s-tmp/%s/%s" % (s["name"], bucket, chunk))
+                    shutil.rmtree(sdir / bucket)
+        info = (sdir / "info").read_text().replace("format = folders", "format = tar")
+        (sdir / "info").write_text(info)
+    for s in v["sessions"]:
+        out = tmp_path / ("%s.img" % s["id"])
+        proc = run("extract", "-q", "--session", s["id"], vol, out)
+        assert proc.returncode == 0, proc.stderr
+        assert sha256_file(out) == s["sha256"]
+    assert run("verify", "-q", "--all-sessions", vol).returncode == 0
