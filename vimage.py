@@ -7181,21 +7181,24 @@ def subprocess_quiet(cmd):
         return 127
 
 
-def mounts_at(path):
-    """Mount entries (fstype, source) stacked at path, bottom first."""
-    path = os.path.realpath(path)
-    found = []
+def mount_table():
+    """(target, fstype, source) of every mount, in /proc/self/mountinfo order."""
+    table = []
     try:
         with io.open("/proc/self/mountinfo") as f:
             for line in f:
                 fields = line.split()
                 sep = fields.index("-")
-                target = fields[4].replace("\\040", " ")
-                if target == path:
-                    found.append((fields[sep + 1], fields[sep + 2]))
-    except OSError:
+                table.append((fields[4].replace("\\040", " "), fields[sep + 1], fields[sep + 2]))
+    except (OSError, ValueError):
         pass
-    return found
+    return table
+
+
+def mounts_at(path):
+    """Mount entries (fstype, source) stacked at path, bottom first."""
+    path = os.path.realpath(path)
+    return [(fstype, source) for target, fstype, source in mount_table() if target == path]
 
 
 RUN_DIR = "/run/vimage"
@@ -7978,26 +7981,31 @@ def check_mountpoint(mp):
                           "outside it" % (mp, outer))
 
 
+def mount_states():
+    """The records of the --files mounts vimage made (RUN_DIR/*.json, root's own)."""
+    states = []
+    try:
+        entries = sorted(os.listdir(RUN_DIR))
+    except OSError:
+        return states
+    for entry in entries:
+        path = os.path.join(RUN_DIR, entry)
+        if not entry.endswith(".json") or untrusted_reason(path):
+            continue
+        try:
+            with io.open(path) as f:
+                states.append(json.load(f))
+        except (OSError, ValueError):
+            continue
+    return states
+
+
 def vimage_mount_above(path):
     """The vimage mount (FUSE or --files layers) that path lies inside, if any."""
     path = os.path.realpath(path)
-    tops = []
-    try:
-        with io.open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                sep = fields.index("-")
-                if fields[sep + 1].startswith("fuse") and fields[sep + 2] == "vimage":
-                    tops.append(fields[4].replace("\\040", " "))
-    except (OSError, ValueError):
-        pass
-    try:
-        for entry in os.listdir(RUN_DIR):
-            if entry.endswith(".json"):
-                with io.open(os.path.join(RUN_DIR, entry)) as f:
-                    tops.append(json.load(f).get("mountpoint") or "")
-    except (OSError, ValueError):
-        pass
+    tops = [target for target, fstype, source in mount_table()
+            if fstype.startswith("fuse") and source == "vimage"]
+    tops += [state.get("mountpoint") or "" for state in mount_states()]
     for top in tops:
         if top and top != "/" and (path == top or path.startswith(top.rstrip("/") + "/")):
             return top
@@ -8275,22 +8283,7 @@ def _cleanup_files_state(fuse_dir):
 
 def cmd_umount(args):
     mp = os.path.realpath(args.mountpoint)
-    state = None
-    try:
-        for entry in os.listdir(RUN_DIR):
-            if entry.endswith(".json"):
-                path = os.path.join(RUN_DIR, entry)
-                if untrusted_reason(path):
-                    continue
-                try:
-                    with io.open(path) as f:
-                        d = json.load(f)
-                except (OSError, ValueError):
-                    continue
-                if d.get("mountpoint") == mp:
-                    state = d
-    except OSError:
-        pass
+    state = next((d for d in mount_states() if d.get("mountpoint") == mp), None)
     stack = mounts_at(mp)
     if state:
         layers = state.get("layers") or ([mp] if stack else [])
