@@ -237,6 +237,12 @@ class SharedProgress:
     def part(self, total=None, desc=None):
         return _ProgressPart(self)
 
+    def set_total(self, total):
+        self.bar.total = total
+        if self.bar._bar is not None:
+            self.bar._bar.total = total
+            self.bar._bar.refresh()
+
     def close(self):
         self.bar.close()
 
@@ -7335,7 +7341,7 @@ def verify_backup(backup, on_problem=None, on_member=None, progress=None, stdin=
     for path, tap in backup.taps().items():
         FILE_TAPS[os.path.realpath(path)] = tap
     if progress is not None and not stdin:
-        progress.bar.total = sum(m.input_size() for m in members)
+        progress.set_total(sum(m.input_size() for m in members))
 
     def reporter(name):
         def report_one(p):
@@ -7520,11 +7526,13 @@ class _CallbackProgress:
 
     def __init__(self, callback):
         self.callback, self.done = callback, {}
-        self.bar = self
         self.total = None
 
     def part(self):
         return _CallbackPart(self)
+
+    def set_total(self, total):
+        self.total = total
 
 
 class _CallbackPart:
