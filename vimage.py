@@ -5713,12 +5713,15 @@ class Bzip2Access(SeekAccess):
             pats.append((v[1:6], s, 0xFF >> s, v[0], (0xFF << (8 - s)) & 0xFF, v[6], 1))
         return pats
 
-    def _find(self, buf, start_bit, which):
-        """First bit position >= start_bit where the magic starts, or -1: the
-        bytes fully inside the magic are found in C, the edge bits checked."""
-        best = -1
+    def _find(self, buf, start_bit, which, best=-1):
+        """First bit position >= start_bit where the magic starts (before
+        `best` when one is known), or -1: the bytes fully inside the magic are
+        found in C, the edge bits checked.  Each later bit shift searches only
+        up to the best position found so far, so a block costs a few scans of
+        itself, not eight of the buffer."""
         for key, s, m0, v0, m6, v6, lead in self.patterns[which]:
-            i = buf.find(key, max(0, start_bit // 8 - 1) + lead)
+            limit = len(buf) if best < 0 else min(len(buf), best // 8 + 8)
+            i = buf.find(key, max(0, start_bit // 8 - 1) + lead, limit)
             while i >= 0:
                 j = i - lead                     # the byte where the magic starts
                 b = j * 8 + s
@@ -5729,7 +5732,7 @@ class Bzip2Access(SeekAccess):
                     if best < 0 or b < best:
                         best = b
                     break
-                i = buf.find(key, i + 1)
+                i = buf.find(key, i + 1, limit)
         return best
 
     @staticmethod
@@ -5753,7 +5756,20 @@ class Bzip2Access(SeekAccess):
         except (OSError, EOFError, ValueError) as e:
             raise ContainerError("bzip2 block is corrupt: %s" % e)
 
+    AHEAD = 6                    # blocks decoded ahead, side by side on the cores
+
     def run(self, index):
+        """The pass: blocks are found by their magic in the main thread and
+        decoded side by side in worker threads (libbz2 drops the GIL), in
+        order.  A magic found by chance inside block data shows as a failed
+        decode; from there on the blocks are found again one by one."""
+        from concurrent.futures import ThreadPoolExecutor
+        workers = max(1, min(2, os.cpu_count() or 1))
+        with ThreadPoolExecutor(workers) as pool:
+            for out in self._run(index, pool):
+                yield out
+
+    def _run(self, index, pool):
         files, base, out_pos = self.files, 0, 0
         while True:
             head = files.pread(4, base)
@@ -5764,68 +5780,122 @@ class Bzip2Access(SeekAccess):
                     raise ContainerError("bzip2 stream is empty")
                 break
             level = head[3:4]
-            buf_off = base                  # input byte offset of buf[0]
-            buf = files.pread(2 * MiB, base)
-            pos = 32                        # bit position (relative to buf) of the next magic
-            combined = 0
+            scan = _BlockScan(self, files, base)
+            combined, pending = 0, []          # [(first bit, nbits, crc, future)]
             while True:
-                if pos + 48 > len(buf) * 8:
-                    raise ContainerError("bzip2 stream is truncated at input offset %d" % (buf_off + len(buf)))
-                value = self._bits(buf, pos, pos + 48)
-                if value == self.END:
-                    stored = self._bits(buf, pos + 48, pos + 80)
-                    if stored != combined:
-                        raise ContainerError("bzip2 stream CRC mismatch at input offset %d" % (buf_off + pos // 8))
-                    base = buf_off + (pos + 80 + 7) // 8
-                    break
-                if value != self.BLOCK:
-                    raise ContainerError("bzip2 stream is corrupt at input offset %d" % (buf_off + pos // 8))
-                nxt = -1
-                while nxt < 0:
-                    nb = self._find(buf, pos + 48, 0)
-                    ne = self._find(buf, pos + 48, 1)
-                    cands = [c for c in (nb, ne) if c >= 0]
-                    if cands:
-                        nxt = min(cands)
-                        # the END magic needs its CRC in the buffer too
-                        if nxt + 80 <= len(buf) * 8:
-                            break
-                        nxt = -1
-                    more = files.pread(2 * MiB, buf_off + len(buf))
-                    if not more:
-                        raise ContainerError("bzip2 stream is truncated at input offset %d"
-                                             % (buf_off + len(buf)))
-                    buf += more
-                crc = self._bits(buf, pos + 48, pos + 80)
-                out = None
-                for _try in range(4):      # block data may hold the magic by chance
-                    nbits = nxt - pos
-                    try:
-                        out = self._decode_block(level, self._bits(buf, pos, nxt), nbits, crc)
+                while len(pending) < self.AHEAD and not scan.ended:
+                    found = scan.next_block()
+                    if found is None:
                         break
-                    except ContainerError:
-                        later = [c for c in (self._find(buf, nxt + 1, 0), self._find(buf, nxt + 1, 1))
-                                 if c >= 0]
-                        if not later:
-                            raise
-                        nxt = min(later)
-                if out is None:
-                    raise ContainerError("bzip2 block at input offset %d is corrupt" % (buf_off + pos // 8))
-                index.add(out_pos, ("bz2", level, buf_off * 8 + pos, nbits, crc))
+                    first, nbits, crc, data, shift = found
+                    pending.append((first, nbits, crc, pool.submit(
+                        self._decode_from, level, data, shift, nbits, crc)))
+                if not pending:
+                    break
+                first, nbits, crc, future = pending.pop(0)
+                try:
+                    out = future.result()
+                except ContainerError:
+                    # the block's end was a chance magic: find it again, and
+                    # everything after it
+                    for item in pending:
+                        item[3].cancel()
+                    pending = []
+                    out, nbits = scan.redo(first, level, crc)
+                index.add(out_pos, ("bz2", level, first, nbits, crc))
                 combined = (((combined << 1) | (combined >> 31)) & M32) ^ crc
                 out_pos += len(out)
-                self.out_pos, self.in_pos = out_pos, buf_off + nxt // 8
+                self.out_pos, self.in_pos = out_pos, (first + nbits) // 8
                 yield out
-                # drop what lies before the next block
-                drop = nxt // 8
-                buf, buf_off, pos = buf[drop:], buf_off + drop, nxt - drop * 8
+            if scan.stream_crc != combined:
+                raise ContainerError("bzip2 stream CRC mismatch at input offset %d" % scan.end_at)
+            base = scan.next_stream
         self.size = out_pos
+
+    def _decode_from(self, level, data, shift, nbits, crc):
+        return self._decode_block(level, self._bits(data, shift, shift + nbits), nbits, crc)
 
     def decode(self, point, length):
         _kind, level, first, nbits, crc = point
         buf = self.files.pread((first % 8 + nbits + 7) // 8, first // 8)
         return self._decode_block(level, self._bits(buf, first % 8, first % 8 + nbits), nbits, crc,
                                   length)
+
+
+class _BlockScan:
+    """Finds the blocks of one bzip2 stream by their magic, in order: each
+    (first bit in the file, bits, CRC, bytes holding it, bit offset in them)."""
+
+    def __init__(self, access, files, base):
+        self.access, self.files = access, files
+        self.buf_off = base                       # input byte offset of buf[0]
+        self.buf = files.pread(2 * MiB, base)
+        self.pos = 32                             # bit of buf where the next magic sits
+        self.ended = False
+        self.stream_crc = self.end_at = self.next_stream = None
+
+    def _more(self):
+        more = self.files.pread(2 * MiB, self.buf_off + len(self.buf))
+        if not more:
+            raise ContainerError("bzip2 stream is truncated at input offset %d"
+                                 % (self.buf_off + len(self.buf)))
+        self.buf += more
+
+    def _next_magic(self, start):
+        """The first BLOCK or END magic at or after bit `start` of buf."""
+        a = self.access
+        while True:
+            best = a._find(self.buf, start, 1, a._find(self.buf, start, 0))
+            # the END magic needs its CRC in the buffer too
+            if best >= 0 and best + 80 <= len(self.buf) * 8:
+                return best
+            self._more()
+
+    def next_block(self):
+        a, buf = self.access, None
+        while self.pos + 80 > len(self.buf) * 8:
+            self._more()
+        buf, pos = self.buf, self.pos
+        value = a._bits(buf, pos, pos + 48)
+        if value == a.END:
+            self.stream_crc = a._bits(buf, pos + 48, pos + 80)
+            self.end_at = self.buf_off + pos // 8
+            self.next_stream = self.buf_off + (pos + 80 + 7) // 8
+            self.ended = True
+            return None
+        if value != a.BLOCK:
+            raise ContainerError("bzip2 stream is corrupt at input offset %d"
+                                 % (self.buf_off + pos // 8))
+        nxt = self._next_magic(pos + 48)
+        buf = self.buf
+        crc = a._bits(buf, pos + 48, pos + 80)
+        lo = pos // 8
+        data = buf[lo:(nxt + 7) // 8]
+        first = self.buf_off * 8 + pos
+        self._advance(nxt)
+        return first, nxt - pos, crc, data, pos - lo * 8
+
+    def _advance(self, nxt):
+        drop = nxt // 8
+        self.buf, self.buf_off, self.pos = self.buf[drop:], self.buf_off + drop, nxt - drop * 8
+
+    def redo(self, first, level, crc):
+        """Decode the block at bit `first` again, trying later magics as its
+        end; (output, bits).  The scan then goes on after it."""
+        a = self.access
+        start = first // 8
+        self.buf, self.buf_off = self.files.pread(2 * MiB, start), start
+        pos = first - start * 8
+        nxt = self._next_magic(pos + 48)
+        for _try in range(8):
+            try:
+                out = a._decode_block(level, a._bits(self.buf, pos, nxt), nxt - pos, crc)
+                self._advance(nxt)
+                self.ended = False
+                return out, nxt - pos
+            except ContainerError:
+                nxt = self._next_magic(nxt + 1)
+        raise ContainerError("bzip2 block at input offset %d is corrupt" % start)
 
 
 class XzAccess(SeekAccess):
