@@ -1,31 +1,40 @@
 #!/usr/bin/env python3
-"""vimage - read partclone, ntfsclone, partimage and raw disk-image backups.
+"""vimage - get data back from disk-image backups, in one file.
 
-One file, copied next to a backup on a rescue stick and run with Python 3.8+.
+Copied next to the backups on a rescue stick and run with Python 3.8+.
 
-What it reads (detected by magic bytes, never by file name):
+What it reads (told by content, never by file name):
   * partclone images, format 0002 (checksums none, CRC32, XXH64, XXH128, any
     blocks-per-checksum, reseed on/off, both endians) and format 0001
     (partclone < 0.3: byte bitmap, per-block CRC with the old CRC quirk);
   * ntfsclone --save-image images, versions 10.0 and 10.1;
   * partimage 0.6 images, single files and multi-volume sets (.000, .001 ...);
-  * raw images (dd), i.e. any stream with none of the magics above.
-Containers around them: split sets as Clonezilla writes them (.aa, .ab ...,
+  * raw (dd) images that hold a partition table (MBR with logical
+    partitions, GPT, 512- or 4096-byte sectors, hybrid MBR) or a known file
+    system, or that are named or declared (--format raw) as such;
+  * Clonezilla and Rescuezilla image directories (the disks, assembled as
+    `ocs-sr restoredisk` lays them out, and every partition image);
+  * sparsebak and Wyng archives of every era (a volume as of any session).
+Containers around images: split sets as Clonezilla writes them (.aa, .ab ...,
 or longer suffixes), compressed with gzip/pigz, bzip2, xz, lzma, lzip (stdlib)
-or zstd, lz4, lzop (optional packages), or read from stdin ("-").
+or zstd, lz4, lzop (optional packages), or read from stdin ("-").  Beside
+them: sha*sum sidecars and lists, Clonezilla's MD5SUMS/SHA1SUMS/B2SUMS/B3SUMS,
+par2 recovery sets.
 
 What it promises:
-  * input images are only ever opened read-only;
-  * `extract` writes, byte for byte, what the real tool's restore writes
-    (unused blocks read as zeros);
-  * `verify` checks every checksum the format has and names each bad place;
+  * inputs are only ever opened read-only, and a mount gives no one more
+    access than the image files give (no setuid, no devices, private caches);
+  * `extract` writes, byte for byte, what the real tools' restores write;
+  * `verify` checks every checksum there is, names each bad place, and says
+    what it could not check;
   * bad input gives a one-line error and exit status 1, never a traceback.
 
-Subcommands: info, verify, extract, mount, umount.  `mount` serves the
-partition as one read-only file through FUSE, compressed images included
-(seek points, or a cache file where a codec has none); it needs fusepy (or
-mfusepy).  Everything else runs on the standard library alone.
-Optional speed-ups: tqdm (progress bars), xxhash (fast XXH64/XXH128).
+Subcommands: info, verify, extract, mount, umount; and a Python API
+(vimage.open(), see __all__).  `mount` serves every disk, partition and volume
+as a read-only file through FUSE, compressed images included (seek points,
+or a cache file where a codec has none); it needs fusepy (or mfusepy).
+Everything else runs on the standard library alone.  Optional speed-ups and
+codecs: tqdm, xxhash, zstandard/pyzstd, lz4, python-lzo, blake3.
 """
 
 import argparse
