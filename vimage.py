@@ -7088,10 +7088,11 @@ def virtual_name(path):
 
 
 def load_fuse():
-    """The fusepy module (libfuse2), else mfusepy (libfuse3); VIMAGE_FUSE=mfusepy
-    or =fuse picks one (to compare them)."""
+    """mfusepy (libfuse3) when it is there, else fusepy (libfuse2): side by
+    side in `make bench` libfuse3 served as fast or faster.  VIMAGE_FUSE=fuse
+    or =mfusepy picks one (to compare them)."""
     errors = []
-    order = ("fuse", "mfusepy")
+    order = ("mfusepy", "fuse")
     if os.environ.get("VIMAGE_FUSE") in order:
         order = (os.environ["VIMAGE_FUSE"],)
     for module in order:
@@ -7217,15 +7218,15 @@ def fuse_class(fuse, ops):
     """fusepy's FUSE with a zero-copy read: preadv fills libfuse's buffer
     directly (fusepy's own read path copies the data twice more)."""
     base = fuse.FUSE
-    if fuse.__name__ != "fuse" or not hasattr(base, "read"):
-        return base                     # mfusepy: its own read path
+    if not hasattr(base, "read"):
+        return base
     import ctypes
     nodes = {k.encode("utf-8"): v for k, v in ops.nodes.items()}
     c_char, addressof = ctypes.c_char, ctypes.addressof
 
     class ZeroCopyFUSE(base):
         def read(self, path, buf, size, offset, fip):
-            node = nodes.get(path)
+            node = nodes.get(path)          # fusepy and mfusepy both hand over bytes
             if node is None:
                 return -errno.ENOENT
             part = node[0]

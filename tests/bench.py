@@ -1509,6 +1509,7 @@ def main(argv):
     if not args or "all" in args:
         args = MODES
     os.makedirs(BENCH, exist_ok=True)
+    failed = []
     try:
         if "build" in args:
             build_main()
@@ -1525,13 +1526,21 @@ def main(argv):
         for mode in MODES:
             if mode in args:
                 say("== %s" % mode)
-                if mode == "compressed":
-                    bench_compressed(codecs)
-                else:
-                    globals()["bench_" + mode]()
+                try:
+                    if mode == "compressed":
+                        bench_compressed(codecs)
+                    else:
+                        globals()["bench_" + mode]()
+                except Exception:
+                    import traceback
+                    traceback.print_exc()
+                    failed.append(mode)
+                    close_all()
     finally:
         close_all()
     print("results: %s" % RESULTS)
+    if failed:
+        sys.exit("these parts failed: %s" % " ".join(failed))
 
 
 if __name__ == "__main__":

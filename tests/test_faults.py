@@ -149,9 +149,7 @@ def test_image_that_changes_while_mounted(how, served):
 def test_read_error_of_the_disk_below_is_passed_on(tmp_path, mnt):
     """The image lies on a file system whose reads fail in one range (a small
     FUSE file system of the test's own): EIO there, good bytes elsewhere."""
-    fuse = vimage.load_fuse()
-    if fuse.__name__ != "fuse":
-        pytest.skip("needs fusepy for the failing file system")
+    fuse = pytest.importorskip("fuse")           # fusepy, for the failing file system
     data = open(image_path(BASE), "rb").read()
     bad_from = len(data) // 2
 
