@@ -3040,11 +3040,13 @@ class _Finder:
     One trial runs at a time, from the first candidate block once a point is
     due.  It is accepted when it has matched ZSTD_CHECK bytes and its tables
     are all its own (or ZSTD_CHECK_MAX bytes; a whole spacing where the kept
-    window is short), and then followed by headers until its tables settle.
-    Raw and RLE blocks (and blocks without sequences) leave the repeat
-    offsets alone: points in a run of them are provisional until the first
-    block with sequences, which every decoder started in the run meets in
-    the same state; they are dropped together if it gives other bytes.
+    window is short), and then followed by headers until its tables settle:
+    a block that reuses an older table drops it.  Raw and RLE blocks (and
+    blocks without sequences) leave the repeat offsets alone: points in a run
+    of them are provisional until the first block with sequences, which every
+    decoder started in the run meets in the same state; they are dropped
+    together if it gives other bytes.  A dropped point's output joins the
+    chunk before it, so points are followed until the last one is final.
     (Where the kept window is short, a decoder started later, with a later
     window, sees less history than the point's own: it errs only on the
     safe side.)"""
@@ -3054,8 +3056,8 @@ class _Finder:
         self.wd, self.keep = wd, min(wsize, ZSTD_DICT_CAP)
         self.whole = self.keep == wsize
         self.start = self.last = self.retry = out_pos
-        self.trial = self.watch = None
-        self.provisional = []
+        self.trial = None
+        self.watches, self.provisional = [], []
         self.found = 0
 
     def before(self, out_pos, bpos, btype, block, tail):
@@ -3072,12 +3074,16 @@ class _Finder:
 
     def after(self, btype, block, out, tail):
         """Check the block's output from the trial, and the watched tables."""
-        w = self.watch
-        if w is not None and not w.track(btype, block):
-            self._drop([w.point])
-            self.watch = None
-        elif w is not None and w.settled():
-            self.watch = None
+        if self.watches:
+            for w in list(self.watches):
+                if not w.track(btype, block):
+                    self._drop([w.point])
+                if w.point is None or w.settled():
+                    self.watches.remove(w)
+            last = self.index.points[-1]
+            if not any(last is p.point for p in self.watches) and \
+                    not any(last is p for p in self.provisional):
+                self.watches = []               # the chunks before it end there for good
         t = self.trial
         if t is None:
             return
@@ -3099,7 +3105,8 @@ class _Finder:
         elif t.matched >= (ZSTD_CHECK_MAX if t.exact else spacing) or \
                 t.exact and t.matched >= ZSTD_CHECK and t.settled():
             self._accept(t)
-            self.watch = None if t.settled() else t
+            if not t.settled():
+                self.watches.append(t)
 
     def _accept(self, t):
         self.access._accept(self.index, t)
@@ -3107,12 +3114,18 @@ class _Finder:
         t.dec = t.parts = t.base = t.fed = self.trial = None
 
     def _drop(self, points):
-        """Take points that turned out wrong off the end of the index."""
+        """Take points that turned out wrong out of the index."""
         index = self.index
-        while points and any(index.points[-1] is p for p in points):
-            index.offsets.pop()
-            index.points.pop()
-            self.found -= 1
+        for p in points:
+            for k in range(len(index.points) - 1, 0, -1):
+                if index.points[k] is p:
+                    del index.offsets[k]
+                    del index.points[k]
+                    self.found -= 1
+                    break
+            for w in self.watches:
+                if w.point is p:
+                    w.point = None
         self.last = max(self.start, index.offsets[-1])
         del points[:]
 
@@ -3238,6 +3251,7 @@ class ZstdAccess(SeekAccess):
             keep.append(p)
         index.offsets, index.points = keep_off, keep
         self.packing.clear()
+        self._thin(index)
 
     def _cut(self, at):
         """End the checksummed piece at decompressed offset `at` (a point may
