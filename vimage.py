@@ -2964,6 +2964,7 @@ class _Trial:
         self.probe, self.fed = False, []
         self.matched = 0
         self.point = None
+        self.riders = []                        # provisional points that stand or fall with it
         self.fresh = True                       # no sequences yet: repeat offsets untested
         self.huffman = False
         self.fse = [False, False, False]        # LL, OF, ML tables defined since the start
@@ -2985,7 +2986,7 @@ class _Trial:
                 self.dec = self._decoder(ZSTD_PROBE if self.probe else self.keep)
             got = self.dec.decompress(block)
         except Exception:
-            if not self.probe:
+            if not self.probe or self.fed is None:
                 return False
             self.probe = False
             try:
@@ -2998,8 +2999,10 @@ class _Trial:
                 return False
         if got != want or not self.track(btype, block):
             return False
-        if self.probe:
+        if self.probe and self.fed is not None:
             self.fed.append((block, want))
+            if len(self.fed) > 32:
+                self.fed = None                 # too far along to start again
         self.matched += len(want)
         return True
 
@@ -3045,8 +3048,9 @@ class _Finder:
     blocks without sequences) leave the repeat offsets alone: points in a run
     of them are provisional until the first block with sequences, which every
     decoder started in the run meets in the same state; they are dropped
-    together if it gives other bytes.  A dropped point's output joins the
-    chunk before it, so points are followed until the last one is final.
+    together if the trial started right after them fails, and ride along
+    with it once it is accepted.  A dropped point's output joins the chunk
+    before it, so points are followed until the last one is final.
     (Where the kept window is short, a decoder started later, with a later
     window, sees less history than the point's own: it errs only on the
     safe side.)"""
@@ -3077,7 +3081,7 @@ class _Finder:
         if self.watches:
             for w in list(self.watches):
                 if not w.track(btype, block):
-                    self._drop([w.point])
+                    self._drop([w.point] + w.riders)
                 if w.point is None or w.settled():
                     self.watches.remove(w)
             last = self.index.points[-1]
@@ -3087,16 +3091,12 @@ class _Finder:
         t = self.trial
         if t is None:
             return
-        fresh = t.fresh
         if not t.feed(btype, block, out, tail):
-            if fresh:
-                self._drop(self.provisional)
+            self._drop(self.provisional)        # it started in their state
             if not t.exact:                     # a long trial costs a whole window to set up
                 self.retry = t.out_pos + t.matched + ZSTD_RETRY_LONG
             self.trial = None
             return
-        if fresh and not t.fresh:
-            self.provisional = []               # the first sequences came out right
         spacing = self.access.spacing_for(self.keep)
         if t.fresh:
             if t.matched >= spacing:
@@ -3105,6 +3105,7 @@ class _Finder:
         elif t.matched >= (ZSTD_CHECK_MAX if t.exact else spacing) or \
                 t.exact and t.matched >= ZSTD_CHECK and t.settled():
             self._accept(t)
+            t.riders, self.provisional = self.provisional, []
             if not t.settled():
                 self.watches.append(t)
 
