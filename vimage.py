@@ -2274,9 +2274,12 @@ def open_image(path):
 #   bzip2  every block: it starts at a 48-bit magic at any bit offset and is
 #          decoded alone as a one-block stream built around it
 #   xz     every block listed in the stream index, decoded as a one-block stream
-#   zstd   every frame;  lz4  every independent block
-# A stream without restart points (one zstd frame, one xz block, dependent lz4
-# blocks, lzma, lzip, lzop) is decompressed into a cache file instead.
+#   zstd   every frame, and blocks inside a frame restarted with the window
+#          before them as a dictionary, checked against checksums of the output
+#   lz4    every independent block
+# A stream without restart points (one xz block, dependent lz4 blocks, lzma,
+# lzip, lzop, a zstd --long window that never restarts) is decompressed into
+# a cache file instead.
 
 GZIP_SPACING = 4 * MiB           # decompressed bytes between gzip seek points
 ZLIB_POINT_COST = 48 * 1024      # memory of one in-memory inflater copy (window + state)
