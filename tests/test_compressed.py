@@ -213,10 +213,14 @@ def test_keep_cache_is_reused(tmp_path, mnt):
 
 
 @needs_fuse
-@pytest.mark.parametrize("how", ["truncated-gzip", "corrupt-bzip2", "truncated-xz-T2"])
+@pytest.mark.parametrize("how", ["truncated-gzip", "corrupt-bzip2", "truncated-xz-T2",
+                                 "truncated-zstd"])
 def test_damaged_stream_gives_eio_not_a_hang(how, tmp_path, mnt):
     cmd = {"truncated-gzip": ["gzip", "-c"], "corrupt-bzip2": ["bzip2", "-1", "-c"],
-           "truncated-xz-T2": ["xz", "-T2", "--block-size=300000", "-c"]}[how]
+           "truncated-xz-T2": ["xz", "-T2", "--block-size=300000", "-c"],
+           "truncated-zstd": ["zstd", "-q", "-c"]}[how]
+    if how.endswith("zstd"):
+        pytest.importorskip("zstandard")
     f = tmp_path / "img.x"
     compress(cmd, image_path(BASE), f)
     data = bytearray(f.read_bytes())
