@@ -2815,17 +2815,49 @@ def _zstd_module():
     return module
 
 
-def _zstd_decoder(window=None):
+def _zstd_decoder(window=None, reader=False):
     """A zstd decoder whose decompress(data) returns all the output data
-    gives; window: a raw-content dictionary."""
+    gives; window: a raw-content dictionary.  reader: zstandard's own
+    decompressor instead, for _zstd_read."""
     z = _zstd_module()
     if z.__name__ == "zstandard":
         d = z.ZstdCompressionDict(window, dict_type=z.DICT_TYPE_RAWCONTENT) \
             if window is not None else None
-        return z.ZstdDecompressor(dict_data=d, max_window_size=1 << z.WINDOWLOG_MAX) \
-            .decompressobj(write_size=MiB)
+        dec = z.ZstdDecompressor(dict_data=d, max_window_size=1 << z.WINDOWLOG_MAX)
+        return dec if reader else dec.decompressobj(write_size=MiB)
     d = z.ZstdDict(bytes(window), is_raw=True) if window is not None else None
     return z.ZstdDecompressor(d, {z.DParameter.windowLogMax: z.DParameter.windowLogMax.bounds()[1]})
+
+
+class _ZstdInput:
+    """A frame's header, then the input from `start` on, as a file to read."""
+
+    def __init__(self, files, first, start):
+        self.files, self.first, self.pos = files, first, start
+
+    def read(self, n):
+        if self.first:
+            data, self.first = self.first, b""
+            return data
+        data = self.files.pread(n, self.pos)
+        self.pos += len(data)
+        return data
+
+
+def _zstd_read(dec, source, length):
+    """Up to `length` bytes of one frame, decoded into a single buffer."""
+    buf = bytearray(length)
+    view, have = memoryview(buf), 0
+    with dec.stream_reader(source, read_size=512 * 1024, read_across_frames=False) as reader:
+        while have < length:
+            n = reader.readinto(view[have:])
+            if not n:
+                break
+            have += n
+    del view
+    if have < length:
+        del buf[have:]
+    return buf
 
 
 def _zstd_packer():
@@ -2853,9 +2885,11 @@ def _zstd_pack(parts, keep, packer):
 
 def _zstd_unpack(data):
     z = _zstd_module()
-    if z.__name__ == "zstandard":               # pyzstd's frames have no content size
-        return z.ZstdDecompressor().decompressobj().decompress(data)
-    return z.decompress(data)
+    if z.__name__ != "zstandard":
+        return z.decompress(data)
+    if len(data) > 4 and data[4] & 0xE0:       # a content size: one call into one buffer
+        return z.ZstdDecompressor().decompress(data)
+    return z.ZstdDecompressor().decompressobj().decompress(data)    # pyzstd wrote it
 
 
 def _check_kind():
@@ -3311,19 +3345,20 @@ class ZstdAccess(SeekAccess):
             pos = point[1]
             head = self.files.pread(18, pos)
             hsize = _zstd_frame_header(head, pos)[0]
-            dec, first, start = _zstd_decoder(), head[:hsize], pos + hsize
+            dec, first, start = _zstd_decoder(reader=True), head[:hsize], pos + hsize
         else:
             _kind, start, wd, packed = point
             try:
-                dec = _zstd_decoder(_zstd_unpack(packed))
+                dec = _zstd_decoder(_zstd_unpack(packed), reader=True)
             except MissingDependency:
                 raise
             except Exception as e:
                 raise ContainerError("zstd restart window is corrupt: %s" % e)
             first = ZSTD_SYNTHETIC + bytes([wd])
-        parts, have = [], 0
         try:
-            dec.decompress(first)
+            if hasattr(dec, "stream_reader"):
+                return _zstd_read(dec, _ZstdInput(self.files, first, start), length)
+            parts, have = [dec.decompress(first)], 0
             for _pos, _t, block in _zstd_blocks(self.files, start, min(ZSTD_BUF, length // 2 + 4096)):
                 out = dec.decompress(block)
                 parts.append(out)
@@ -3361,7 +3396,8 @@ class ZstdAccess(SeekAccess):
                 view = memoryview(out)
                 if all(_check_sum(self.check, [view[cuts[p] - offs[j]:cuts[p + 1] - offs[j]]])
                        == self.sums[p] for p in range(k, last)):
-                    return out[skip:skip + length]
+                    del view
+                    return out[skip:] if skip else out
             self.bad.add(j)
 
     # --- saved with the index ---------------------------------------------
@@ -3700,10 +3736,11 @@ class CompressedFile:
         """Decode chunk i, or only its first `upto` bytes (a random read need
         not pay for the rest of a big block); the LRU keeps what was decoded."""
         offs = self.index.offsets
-        length = (offs[i + 1] if i + 1 < len(offs) else self.size) - offs[i]
-        if upto is not None:
-            length = min(length, upto)
-        chunk = self.impl.read_chunk(self.index, i, length)[:length]
+        whole = (offs[i + 1] if i + 1 < len(offs) else self.size) - offs[i]
+        length = whole if upto is None else min(whole, upto)
+        chunk = self.impl.read_chunk(self.index, i, length)
+        if len(chunk) > whole:
+            chunk = chunk[:whole]               # more than was asked is kept, not past the chunk
         if len(chunk) < length:
             raise OSError(errno.EIO, "compressed data at decompressed offset %d decodes short"
                           % offs[i])
