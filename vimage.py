@@ -5447,9 +5447,12 @@ BACKUP_SETS.append(detect_chunk_archive)
 #   bzip2  every block: it starts at a 48-bit magic at any bit offset and is
 #          decoded alone as a one-block stream built around it
 #   xz     every block listed in the stream index, decoded as a one-block stream
-#   zstd   every frame;  lz4  every independent block
-# A stream without restart points (one zstd frame, one xz block, dependent lz4
-# blocks, lzma, lzip, lzop) is decompressed into a cache file instead.
+#   zstd   every frame, and blocks inside a frame restarted with the window
+#          before them as a dictionary, checked against checksums of the output
+#   lz4    every independent block
+# A stream without restart points (one xz block, dependent lz4 blocks, lzma,
+# lzip, lzop, a zstd --long window that never restarts) is decompressed into
+# a cache file instead.
 
 GZIP_SPACING = 4 * MiB           # decompressed bytes between gzip seek points
 ZLIB_POINT_COST = 48 * 1024      # memory of one in-memory inflater copy (window + state)
@@ -5556,9 +5559,20 @@ class SeekAccess:
 
     exact = False                 # listed() lengths are exact (xz's index says so)
 
+    def read_chunk(self, index, i, length):
+        """The first `length` bytes of chunk i (from seek point i)."""
+        return self.decode(index.points[i], length)
+
     @staticmethod
     def savable(point):
         return True
+
+    def state(self):
+        """What a saved index keeps besides the points (name -> bytes or JSON)."""
+        return {}
+
+    def restore(self, state, size):
+        pass
 
 
 class GzipAccess(SeekAccess):
@@ -5994,62 +6008,661 @@ def next_frame(files, pos, magic, what):
     return None, None
 
 
-def _zstd_decompress(data):
-    zstandard = optional_module("zstandard")
+# --- zstd: frames, and restart points inside a frame -----------------------
+#
+# A frame (RFC 8878) is a header (magic, descriptor byte, window descriptor
+# unless single-segment, dictionary id, content size) and blocks, each after
+# a 3-byte little-endian header: bit 0 last block, bits 1-2 type (0 raw,
+# 1 RLE: one byte repeated, 2 compressed), bits 3-23 size; a 4-byte checksum
+# ends the frame when its descriptor says so.  A compressed block starts
+# with its literals section (type in bits 0-1 of the first byte: 3 =
+# Treeless, the Huffman table of an earlier block) and then its sequences
+# section (count, then one byte of modes for literal lengths, offsets and
+# match lengths in bits 7-6, 5-4, 3-2: 3 = Repeat, the table of the last
+# block that had sequences).
+#
+# `zstd -T0` writes one frame, so inside it: a block that reuses no table
+# can start a synthetic frame (the same window descriptor; no checksum, no
+# content size) decoded with the last window of output before it as a
+# raw-content dictionary.  Its repeat offsets start at 1, 4, 8, which the
+# real ones may not be, so a candidate is decoded beside the real decoder in
+# the pass until it has matched for a while (for a whole spacing where the
+# kept window is shorter than the real one: --long), and block headers then
+# tell if a later block reuses a table from before it.  A checksum of every
+# piece of output (XXH3-64 with the xxhash package, else CRC-32) lets each
+# read from such a point check its bytes; a point that gives other bytes is
+# dropped for the one before it.
+
+ZSTD_MAGIC = 0xFD2FB528
+ZSTD_SPACING = 16 * MiB         # decompressed bytes between restart points, before thinning
+ZSTD_DICT_CAP = 8 * MiB         # the most of a window kept per point (--long windows are bigger)
+ZSTD_PIECE = MiB                # decompressed bytes per checksum of the pass's check list
+ZSTD_CHECK = 64 * 1024          # a candidate must reproduce this much output in the pass,
+ZSTD_CHECK_MAX = MiB            # and this much when its tables are not all its own by then
+ZSTD_PROBE = 256 * 1024         # the window a candidate is first decoded with
+ZSTD_RETRY_LONG = MiB           # output after a failed candidate before the next, there
+ZSTD_BUF = MiB                  # compressed bytes read at a time
+ZSTD_NO_POINTS = 64 * MiB       # a frame this large without a restart point: use the cache file
+ZSTD_SYNTHETIC = b"\x28\xb5\x2f\xfd\x00"   # magic, descriptor: no checksum, size or dictionary
+
+
+class Packed(bytes):
+    """Bytes already compressed: a saved index stores them as they are."""
+
+
+def _zstd_module():
+    """zstandard, else pyzstd (MissingDependency if neither)."""
+    module = optional_module("zstandard") or optional_module("pyzstd")
+    if module is None:
+        need_module("zstandard", "reading zstd-compressed images")
+    return module
+
+
+def _zstd_decoder(window=None, reader=False):
+    """A zstd decoder whose decompress(data) returns all the output data
+    gives; window: a raw-content dictionary.  reader: zstandard's own
+    decompressor instead, for _zstd_read."""
+    z = _zstd_module()
+    if z.__name__ == "zstandard":
+        d = z.ZstdCompressionDict(window, dict_type=z.DICT_TYPE_RAWCONTENT) \
+            if window is not None else None
+        dec = z.ZstdDecompressor(dict_data=d, max_window_size=1 << z.WINDOWLOG_MAX)
+        return dec if reader else dec.decompressobj(write_size=MiB)
+    d = z.ZstdDict(bytes(window), is_raw=True) if window is not None else None
+    return z.ZstdDecompressor(d, {z.DParameter.windowLogMax: z.DParameter.windowLogMax.bounds()[1]})
+
+
+class _ZstdInput:
+    """A frame's header, then the input from `start` on, as a file to read."""
+
+    def __init__(self, files, first, start):
+        self.files, self.first, self.pos = files, first, start
+
+    def read(self, n):
+        if self.first:
+            data, self.first = self.first, b""
+            return data
+        data = self.files.pread(n, self.pos)
+        self.pos += len(data)
+        return data
+
+
+def _zstd_read(dec, source, length):
+    """Up to `length` bytes of one frame, decoded into a single buffer."""
+    buf = bytearray(length)
+    view, have = memoryview(buf), 0
+    with dec.stream_reader(source, read_size=512 * 1024, read_across_frames=False) as reader:
+        while have < length:
+            n = reader.readinto(view[have:])
+            if not n:
+                break
+            have += n
+    del view
+    if have < length:
+        del buf[have:]
+    return buf
+
+
+def _zstd_packer():
+    """What _zstd_pack compresses with (one per thread)."""
+    z = _zstd_module()
+    return z.ZstdCompressor(level=1) if z.__name__ == "zstandard" else None
+
+
+def _zstd_pack(parts, keep, packer):
+    """The last `keep` bytes of parts, as a window is kept in memory: zstd
+    level 1 (fast; it releases the GIL, and runs in the pass's thread)."""
+    total = sum(len(p) for p in parts)
+    skip, n = max(0, total - keep), min(total, keep)
+    c = packer.compressobj(size=n) if packer is not None else _zstd_module().ZstdCompressor(1)
+    out = []
+    for part in parts:
+        if skip >= len(part):
+            skip -= len(part)
+            continue
+        out.append(c.compress(memoryview(part)[skip:] if skip else part))
+        skip = 0
+    out.append(c.flush())
+    return Packed(b"".join(out))
+
+
+def _zstd_unpack(data):
+    z = _zstd_module()
+    if z.__name__ != "zstandard":
+        return z.decompress(data)
+    if len(data) > 4 and data[4] & 0xE0:       # a content size: one call into one buffer
+        return z.ZstdDecompressor().decompress(data)
+    return z.ZstdDecompressor().decompressobj().decompress(data)    # pyzstd wrote it
+
+
+def _check_kind():
+    """The checksum of the pieces of output: XXH3-64 (~50 GB/s) with the
+    xxhash package, else CRC-32 (~3 GB/s)."""
+    xxhash = optional_module("xxhash")
+    return "xxh3" if xxhash is not None and hasattr(xxhash, "xxh3_64") else "crc32"
+
+
+def _check_sum(kind, parts):
+    if kind == "xxh3":
+        h = optional_module("xxhash").xxh3_64()
+        for part in parts:
+            h.update(part)
+        return h.intdigest()
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return crc
+
+
+def _zstd_frame_header(head, pos):
+    """(header size, window descriptor byte, window size, checksum flag) of a frame."""
+    fhd = head[4] if len(head) > 4 else 0
+    single, checksum, did, fcs = fhd >> 5 & 1, fhd >> 2 & 1, fhd & 3, fhd >> 6
+    size = 5 + (0 if single else 1) + (0, 1, 2, 4)[did] + ((1 if single else 0), 2, 4, 8)[fcs]
+    if fhd & 0x08 or len(head) < size:
+        raise ContainerError("zstd frame header is corrupt at input offset %d" % pos)
+    if did and int.from_bytes(head[6 - single:6 - single + (0, 1, 2, 4)[did]], "little"):
+        raise ContainerError("zstd frame at input offset %d needs a dictionary" % pos)
+    if single:                  # window = content size: the smallest descriptor that holds it
+        content = int.from_bytes(head[size - (1, 2, 4, 8)[fcs]:size], "little") + \
+            (256 if fcs == 1 else 0)
+        exp = max(0, (max(content, 1) - 1).bit_length() - 10)
+        return size, exp << 3, 1 << (10 + exp), checksum
+    wd = head[5]
+    base = 1 << (10 + (wd >> 3))
+    return size, wd, base + (base >> 3) * (wd & 7), checksum
+
+
+def _zstd_blocks(files, pos, bufsize=ZSTD_BUF):
+    """(input offset, type, the whole block) of each block from pos to the
+    frame's last: 3-byte headers read from large reads of the input."""
+    buf, base = b"", pos
+    while True:
+        at = pos - base
+        if at + 3 > len(buf):
+            buf, base, at = files.pread(bufsize, pos), pos, 0
+            if len(buf) < 3:
+                raise ContainerError("zstd stream is truncated at input offset %d" % pos)
+        v = buf[at] | buf[at + 1] << 8 | buf[at + 2] << 16
+        btype, n = v >> 1 & 3, 3 + (1 if v & 6 == 2 else v >> 3)
+        if btype == 3:
+            raise ContainerError("zstd block at input offset %d is corrupt" % pos)
+        if at + n > len(buf):
+            buf, base, at = files.pread(max(bufsize, n), pos), pos, 0
+            if len(buf) < n:
+                raise ContainerError("zstd stream is truncated at input offset %d" % pos)
+        yield pos, btype, memoryview(buf)[at:at + n]
+        pos += n
+        if v & 1:
+            return
+
+
+def _zstd_tables(block):
+    """(literals type, number of sequences, (LL, OF, ML modes)) of a
+    compressed block, from its two section headers; None if cut short."""
     try:
-        if zstandard is not None:
-            return zstandard.ZstdDecompressor().decompressobj().decompress(data)
-        pyzstd = need_module("pyzstd", "reading zstd-compressed images", "zstandard")
-        return pyzstd.decompress(data)
-    except MissingDependency:
-        raise
-    except Exception as e:
-        raise ContainerError("zstd frame is corrupt: %s" % e)
+        b0 = block[3]
+        lt, sf = b0 & 3, b0 >> 2 & 3
+        if lt < 2:                              # raw or RLE literals: 1, 2 or 3 header bytes
+            hs = (1, 2, 1, 3)[sf]
+            size = b0 >> 3 if hs == 1 else int.from_bytes(block[3:3 + hs], "little") >> 4
+            at = hs + (size if lt == 0 else 1)
+        else:                                   # Huffman-coded: 3, 3, 4 or 5 header bytes
+            hs, bits = ((3, 10), (3, 10), (4, 14), (5, 18))[sf]
+            at = hs + (int.from_bytes(block[3:3 + hs], "little") >> (4 + bits) & ((1 << bits) - 1))
+        nb = block[3 + at]
+        if nb == 0:
+            return lt, 0, ()
+        m = block[3 + at + (1 if nb < 128 else 2 if nb < 255 else 3)]
+        return lt, nb, (m >> 6, m >> 4 & 3, m >> 2 & 3)
+    except IndexError:
+        return None
+
+
+def _zstd_candidate(btype, block):
+    """A block that reuses no table: raw, RLE, or compressed without Treeless
+    literals or a Repeat mode."""
+    if btype != 2:
+        return True
+    tables = _zstd_tables(block)
+    return tables is not None and tables[0] != 3 and 3 not in tables[2]
+
+
+class _Trial:
+    """A candidate restart point: decoded beside the real decoder for a while,
+    then followed by block headers until every table is its own.  Raw and
+    RLE blocks decode the same in any state: its decoder starts at the first
+    compressed block, with the window before that block, first only its last
+    ZSTD_PROBE bytes (a shorter history gives the same bytes or an error,
+    never other bytes; on an error it starts again with the whole window)."""
+
+    def __init__(self, out_pos, in_pos, wd, keep, parts, exact):
+        self.out_pos, self.in_pos, self.wd, self.keep = out_pos, in_pos, wd, keep
+        self.parts = parts                      # output before the point: its window
+        self.exact = exact                      # the window kept is the whole history it needs
+        self.dec = self.base = None
+        self.probe, self.fed = False, []
+        self.matched = 0
+        self.point = None
+        self.riders = []                        # provisional points that stand or fall with it
+        self.fresh = True                       # no sequences yet: repeat offsets untested
+        self.huffman = False
+        self.fse = [False, False, False]        # LL, OF, ML tables defined since the start
+
+    def _decoder(self, size):
+        dec = _zstd_decoder(_tail_window(self.base, size))
+        dec.decompress(ZSTD_SYNTHETIC + bytes([self.wd]))
+        return dec
+
+    def feed(self, btype, block, want, tail):
+        """Decode the next block; False when it gives other bytes than `want`."""
+        if self.dec is None and btype != 2:
+            self.matched += len(want)
+            return True
+        try:
+            if self.dec is None:
+                self.base = list(tail) if self.matched else self.parts
+                self.probe = self.exact and self.keep > ZSTD_PROBE
+                self.dec = self._decoder(ZSTD_PROBE if self.probe else self.keep)
+            got = self.dec.decompress(block)
+        except Exception:
+            if not self.probe or self.fed is None:
+                return False
+            self.probe = False
+            try:
+                self.dec = self._decoder(self.keep)
+                for b, w in self.fed:
+                    if self.dec.decompress(b) != w:
+                        return False
+                got = self.dec.decompress(block)
+            except Exception:
+                return False
+        if got != want or not self.track(btype, block):
+            return False
+        if self.probe and self.fed is not None:
+            self.fed.append((block, want))
+            if len(self.fed) > 32:
+                self.fed = None                 # too far along to start again
+        self.matched += len(want)
+        return True
+
+    def track(self, btype, block):
+        """False when this block reuses a table from before the start."""
+        if btype != 2:
+            return True
+        tables = _zstd_tables(block)
+        if tables is None or tables[0] == 3 and not self.huffman:
+            return False
+        self.huffman = self.huffman or tables[0] == 2
+        if tables[1]:
+            self.fresh = False
+            for k, mode in enumerate(tables[2]):
+                if mode != 3:
+                    self.fse[k] = True
+                elif not self.fse[k]:
+                    return False
+        return True
+
+    def settled(self):
+        return self.huffman and all(self.fse)
+
+
+def _tail_window(parts, keep):
+    """The last `keep` bytes of output (parts: the last outputs, in order)."""
+    have, k = 0, len(parts)
+    while k and have < keep:
+        k -= 1
+        have += len(parts[k])
+    window = b"".join(parts[k:])
+    return memoryview(window)[max(0, len(window) - keep):]
+
+
+class _Finder:
+    """The restart points of one frame, found as its blocks go by.
+
+    One trial runs at a time, from the first candidate block once a point is
+    due.  It is accepted when it has matched ZSTD_CHECK bytes and its tables
+    are all its own (or ZSTD_CHECK_MAX bytes; a whole spacing where the kept
+    window is short), and then followed by headers until its tables settle:
+    a block that reuses an older table drops it.  Raw and RLE blocks (and
+    blocks without sequences) leave the repeat offsets alone: points in a run
+    of them are provisional until the first block with sequences, which every
+    decoder started in the run meets in the same state; they are dropped
+    together if the trial started right after them fails, and ride along
+    with it once it is accepted.  A dropped point's output joins the chunk
+    before it, so points are followed until the last one is final.
+    (Where the kept window is short, a decoder started later, with a later
+    window, sees less history than the point's own: it errs only on the
+    safe side.)"""
+
+    def __init__(self, access, index, out_pos, wd, wsize):
+        self.access, self.index = access, index
+        self.wd, self.keep = wd, min(wsize, ZSTD_DICT_CAP)
+        self.whole = self.keep == wsize
+        self.start = self.last = self.retry = out_pos
+        self.trial = None
+        self.watches, self.provisional = [], []
+        self.found = 0
+
+    def before(self, out_pos, bpos, btype, block, tail):
+        """Start a trial at this block if a point is due and it is a candidate."""
+        if self.trial is not None or out_pos - self.last < self.access.spacing_for(self.keep) \
+                or out_pos == self.start or out_pos < self.retry:
+            return
+        if not _zstd_candidate(btype, block):
+            self._drop(self.provisional)        # it reuses a table they do not have
+            return
+        exact = self.whole or out_pos - self.start <= self.keep
+        self.access._cut(out_pos)
+        self.trial = _Trial(out_pos, bpos, self.wd, self.keep, list(tail), exact)
+
+    def after(self, btype, block, out, tail):
+        """Check the block's output from the trial, and the watched tables."""
+        if self.watches:
+            for w in list(self.watches):
+                if not w.track(btype, block):
+                    self._drop([w.point] + w.riders)
+                if w.point is None or w.settled():
+                    self.watches.remove(w)
+            last = self.index.points[-1]
+            if not any(last is p.point for p in self.watches) and \
+                    not any(last is p for p in self.provisional):
+                self.watches = []               # the chunks before it end there for good
+        t = self.trial
+        if t is None:
+            return
+        if not t.feed(btype, block, out, tail):
+            self._drop(self.provisional)        # it started in their state
+            if not t.exact:                     # a long trial costs a whole window to set up
+                self.retry = t.out_pos + t.matched + ZSTD_RETRY_LONG
+            self.trial = None
+            return
+        spacing = self.access.spacing_for(self.keep)
+        if t.fresh:
+            if t.matched >= spacing:
+                self._accept(t)
+                self.provisional.append(t.point)
+        elif t.matched >= (ZSTD_CHECK_MAX if t.exact else spacing) or \
+                t.exact and t.matched >= ZSTD_CHECK and t.settled():
+            self._accept(t)
+            t.riders, self.provisional = self.provisional, []
+            if not t.settled():
+                self.watches.append(t)
+
+    def _accept(self, t):
+        self.access._accept(self.index, t)
+        self.last, self.found = t.out_pos, self.found + 1
+        t.dec = t.parts = t.base = t.fed = self.trial = None
+
+    def _drop(self, points):
+        """Take points that turned out wrong out of the index."""
+        index = self.index
+        for p in points:
+            for k in range(len(index.points) - 1, 0, -1):
+                if index.points[k] is p:
+                    del index.offsets[k]
+                    del index.points[k]
+                    self.found -= 1
+                    break
+            for w in self.watches:
+                if w.point is p:
+                    w.point = None
+        self.last = max(self.start, index.offsets[-1])
+        del points[:]
 
 
 class ZstdAccess(SeekAccess):
-    """zstd with several frames: every frame is a seek point."""
+    """zstd: every frame, and restart points inside large frames."""
 
     name = "zstd"
 
-    def _frames(self):
-        """[(input offset, length)] of the data frames (skippable ones left out)."""
-        files, pos, frames = self.files, 0, []
-        while True:
-            pos, head = next_frame(files, pos, 0xFD2FB528, "zstd")
-            if pos is None:
-                break
-            fhd = head[4]
-            single, checksum, did, fcs = fhd >> 5 & 1, fhd >> 2 & 1, fhd & 3, fhd >> 6
-            size = 5 + (0 if single else 1) + (0, 1, 2, 4)[did] + \
-                ((1 if single else 0), 2, 4, 8)[fcs]
-            p = pos + size
-            while True:
-                bh = files.pread(3, p)
-                if len(bh) < 3:
-                    raise ContainerError("zstd stream is truncated at input offset %d" % p)
-                v = bh[0] | bh[1] << 8 | bh[2] << 16
-                last, btype, bsize = v & 1, v >> 1 & 3, v >> 3
-                if btype == 3:
-                    raise ContainerError("zstd block at input offset %d is corrupt" % p)
-                p += 3 + (1 if btype == 1 else bsize)
-                if last:
-                    break
-            p += 4 * checksum
-            frames.append((pos, p - pos))
-            pos = p
-        return frames
+    def __init__(self, files, spacing=ZSTD_SPACING, budget=256 * MiB):
+        SeekAccess.__init__(self, files)
+        self.spacing, self.budget = spacing, budget
+        self.check = _check_kind()
+        self.cuts, self.sums = array("Q"), array("Q")    # a checksum per piece of output
+        self.bad = set()                                # point numbers that gave other bytes
+        self.hopeless = False
 
     def plan(self):
-        self.frames = self._frames()
-        return "points" if len(self.frames) > 1 else "cache"
+        """'points'; for a window longer than what a point keeps (--long),
+        only if the first ZSTD_NO_POINTS of output hold a point that checks."""
+        pos, head = next_frame(self.files, 0, ZSTD_MAGIC, "zstd")
+        if pos is None:
+            raise ContainerError("zstd stream has no frame")
+        if _zstd_frame_header(head, pos)[2] <= ZSTD_DICT_CAP:
+            return "points"
+        index = SeekIndex()
+        trial = self.run(index)
+        try:
+            for _chunk in trial:
+                if any(p[0] == "block" for p in index.points):
+                    return "points"
+                if self.out_pos >= ZSTD_NO_POINTS:
+                    return "cache"
+        except ContainerError:
+            pass                        # the pass says so again
+        finally:
+            trial.close()
+            self.out_pos = self.in_pos = 0
+        return "points"
 
-    def listed(self):
-        for offset, length in self.frames:
-            yield ("zstd", offset, length), offset + length, None
+    windows = 4                   # points are at least this many kept windows apart
 
+    def spacing_for(self, keep):
+        """Output between points (thinning doubles it)."""
+        return max(self.spacing, self.windows * keep)
+
+    # --- the pass ---------------------------------------------------------
+    def run(self, index):
+        """Yields decompressed blocks; adds frame starts and checked restart
+        points to index, and a checksum of every piece of output."""
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+        files, pos, out_pos = self.files, 0, 0
+        self.cuts, self.sums = array("Q"), array("Q")
+        self.piece_start, self.piece = 0, []
+        # windows are compressed, and pieces summed, in a thread as decoding goes on
+        self.pool, self.packing, self.summing = ThreadPoolExecutor(1), deque(), deque()
+        self.packer = _zstd_packer()            # used by that one thread only
+        self.next_thin = 16
+        try:
+            while True:
+                pos, head = next_frame(files, pos, ZSTD_MAGIC, "zstd")
+                if pos is None:
+                    break
+                hsize, wd, wsize, checksum = _zstd_frame_header(head, pos)
+                self._cut(out_pos)
+                index.add(out_pos, ("frame", pos))
+                finder = _Finder(self, index, out_pos, wd, wsize)
+                keep, frame_start = finder.keep, out_pos
+                dec = _zstd_decoder()
+                tail, tail_len = deque(), 0
+                try:
+                    dec.decompress(head[:hsize])
+                    for bpos, btype, block in _zstd_blocks(files, pos + hsize):
+                        finder.before(out_pos, bpos, btype, block, tail)
+                        out = dec.decompress(block)
+                        finder.after(btype, block, out, tail)
+                        if not out:
+                            continue
+                        out_pos += len(out)
+                        self.piece.append(out)
+                        if out_pos - self.piece_start >= ZSTD_PIECE:
+                            self._cut(out_pos)
+                        tail.append(out)
+                        tail_len += len(out)
+                        while tail_len - len(tail[0]) >= keep:
+                            tail_len -= len(tail.popleft())
+                        self.out_pos, self.in_pos = out_pos, bpos + len(block)
+                        yield out
+                    end = bpos + len(block)
+                    if checksum:
+                        tail_bytes = files.pread(4, end)
+                        if len(tail_bytes) < 4:
+                            raise ContainerError("zstd stream is truncated at input offset %d" % end)
+                        dec.decompress(tail_bytes)        # checks the frame's XXH64
+                        end += 4
+                except ContainerError:
+                    raise
+                except Exception as e:
+                    raise ContainerError("zstd frame at input offset %d is corrupt: %s" % (pos, e))
+                if out_pos - frame_start >= ZSTD_NO_POINTS and finder.found <= 0:
+                    self.hopeless = True
+                pos = self.in_pos = end
+            self.size = out_pos
+        finally:
+            self._settle(index)
+
+    def _settle(self, index):
+        """The pass is over (or stopped): collect the thread's work."""
+        self._cut(self.out_pos)
+        self.cuts.append(self.piece_start)
+        self.pool.shutdown(wait=True)
+        self.sums.extend(job.result() for job in self.summing)
+        self.summing.clear()
+        keep_off, keep = array("Q"), []
+        for off, p in zip(index.offsets, index.points):
+            if p[0] == "block" and not isinstance(p[3], bytes):
+                try:
+                    p = p[:3] + (p[3].result(),)
+                except MemoryError:
+                    continue                    # no window, no point
+            keep_off.append(off)
+            keep.append(p)
+        index.offsets, index.points = keep_off, keep
+        self.packing.clear()
+        self._thin(index)
+
+    def _cut(self, at):
+        """End the checksummed piece at decompressed offset `at` (a point may
+        start there); CRC-32s are computed in the thread, a few pieces behind."""
+        if at > self.piece_start:
+            self.cuts.append(self.piece_start)
+            if self.check != "crc32":
+                self.sums.append(_check_sum(self.check, self.piece))
+            else:
+                while len(self.summing) >= 32:
+                    self.sums.append(self.summing.popleft().result())
+                self.summing.append(self.pool.submit(_check_sum, self.check, self.piece))
+            self.piece_start, self.piece = at, []
+
+    def _accept(self, index, trial):
+        while len(self.packing) >= 4:              # a few windows wait at most
+            self.packing.popleft().result()
+        job = self.pool.submit(_zstd_pack, trial.parts, trial.keep, self.packer)
+        self.packing.append(job)
+        trial.point = ("block", trial.in_pos, trial.wd, job)
+        index.add(trial.out_pos, trial.point)
+        if len(index) >= self.next_thin:
+            self.next_thin = len(index) + max(16, len(index) // 8)
+            self._thin(index)
+
+    def memory(self, index):
+        """Bytes the points take (windows as compressed; estimated while in work)."""
+        total = 16 * len(self.sums) + 100 * len(index)
+        for p in index.points:
+            if p[0] == "block":
+                w = p[3]
+                total += len(w) if isinstance(w, bytes) else \
+                    len(w.result()) if w.done() else ZSTD_DICT_CAP // 2
+        return total
+
+    def _thin(self, index):
+        """Keep the windows within budget: drop every other restart point, double spacing."""
+        while self.memory(index) > self.budget and any(p[0] == "block" for p in index.points):
+            keep_off, keep = array("Q"), []
+            drop = False
+            for off, p in zip(index.offsets, index.points):
+                if p[0] == "frame" or not drop:
+                    keep_off.append(off)
+                    keep.append(p)
+                if p[0] != "frame":
+                    drop = not drop
+            index.offsets, index.points = keep_off, keep
+            self.spacing *= 2
+
+    # --- reads ------------------------------------------------------------
     def decode(self, point, length):
-        return _zstd_decompress(self.files.pread(point[2], point[1]))
+        if point[0] == "frame":
+            pos = point[1]
+            head = self.files.pread(18, pos)
+            hsize = _zstd_frame_header(head, pos)[0]
+            dec, first, start = _zstd_decoder(reader=True), head[:hsize], pos + hsize
+        else:
+            _kind, start, wd, packed = point
+            try:
+                dec = _zstd_decoder(_zstd_unpack(packed), reader=True)
+            except MissingDependency:
+                raise
+            except Exception as e:
+                raise ContainerError("zstd restart window is corrupt: %s" % e)
+            first = ZSTD_SYNTHETIC + bytes([wd])
+        try:
+            if hasattr(dec, "stream_reader"):
+                return _zstd_read(dec, _ZstdInput(self.files, first, start), length)
+            parts, have = [dec.decompress(first)], 0
+            for _pos, _t, block in _zstd_blocks(self.files, start, min(ZSTD_BUF, length // 2 + 4096)):
+                out = dec.decompress(block)
+                parts.append(out)
+                have += len(out)
+                if have >= length:
+                    break
+        except ContainerError:
+            raise
+        except Exception as e:
+            raise ContainerError("zstd data near input offset %d is corrupt: %s" % (start, e))
+        return b"".join(parts)
+
+    def read_chunk(self, index, i, length):
+        """The first `length` bytes of chunk i.  Output from a restart point
+        is checked piece by piece against the pass's checksums; a point that
+        gives other bytes (or none) is dropped for the one before it."""
+        offs, cuts, j = index.offsets, self.cuts, i
+        while True:
+            while j in self.bad:
+                j -= 1
+            point, skip = index.points[j], offs[i] - offs[j]
+            if point[0] == "frame":
+                return self.decode(point, skip + length)[skip:]
+            # decode to the end of the piece the last wanted byte is in
+            k = bisect.bisect_left(cuts, offs[j])
+            last = bisect.bisect_left(cuts, offs[i] + length, k)
+            if k >= len(self.sums) or cuts[k] != offs[j] or last >= len(cuts):
+                self.bad.add(j)                 # not in the check list: not trusted
+                continue
+            try:
+                out = self.decode(point, cuts[last] - offs[j])
+            except ContainerError:
+                out = b""
+            if len(out) >= cuts[last] - offs[j]:
+                view = memoryview(out)
+                if all(_check_sum(self.check, [view[cuts[p] - offs[j]:cuts[p + 1] - offs[j]]])
+                       == self.sums[p] for p in range(k, last)):
+                    del view
+                    return out[skip:] if skip else out
+            self.bad.add(j)
+
+    # --- saved with the index ---------------------------------------------
+    def state(self):
+        cuts, sums = array("Q", self.cuts), array("Q", self.sums)
+        if sys.byteorder == "big":
+            cuts.byteswap()
+            sums.byteswap()
+        return {"check": self.check, "cuts": cuts.tobytes(), "sums": sums.tobytes()}
+
+    def restore(self, state, size):
+        if state["check"] != self.check:
+            raise ValueError("the index was checked with %s" % state["check"])
+        cuts, sums = array("Q"), array("Q")
+        cuts.frombytes(state["cuts"])
+        sums.frombytes(state["sums"])
+        if sys.byteorder == "big":
+            cuts.byteswap()
+            sums.byteswap()
+        if len(cuts) != len(sums) + 1 or cuts[-1] != size:
+            raise ValueError("the check list does not fit")
+        self.cuts, self.sums = cuts, sums
 
 
 class Lz4Access(SeekAccess):
@@ -6149,15 +6762,17 @@ def untrusted_reason(fd_or_path):
     return None
 
 
-def write_private(path, text):
-    """Write a file only its owner can read (0600), replacing it atomically."""
+def write_private(path, data):
+    """Write a file only its owner can read (0600), replacing it atomically;
+    data is text, bytes, or a list of bytes written one after the other."""
     tmp = "%s.tmp%d" % (path, os.getpid())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
         os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb") as f:
             fd = None
-            f.write(text)
+            for piece in data if isinstance(data, list) else [data]:
+                f.write(piece.encode() if isinstance(piece, str) else piece)
         os.replace(tmp, path)
     except BaseException:
         if fd is not None:
@@ -6202,7 +6817,7 @@ class CompressedFile:
     """Random reads of the decompressed bytes of a compressed (split) file."""
 
     random_access = True
-    INDEX_MAGIC = "vimage-seek-index-1"
+    INDEX_MAGIC = "vimage-seek-index-2"
 
     def __init__(self, files, codec, index_memory=256 * MiB, cache=None, keep_cache=False,
                  index_file=None, quiet=False):
@@ -6225,8 +6840,9 @@ class CompressedFile:
         self.cache_file = os.path.join(self.cache_root, key + ".cache")
         impl = RANDOM_ACCESS.get(codec.name)
         self.impl = impl(files) if impl else None
-        if impl is GzipAccess:
+        if impl in (GzipAccess, ZstdAccess):
             self.impl.budget = index_memory
+        if impl is GzipAccess:
             self.impl.spacing = max(GZIP_SPACING, 1 << 20)
         try:
             self.mode = self.impl.plan() if self.impl else "cache"
@@ -6256,8 +6872,25 @@ class CompressedFile:
             self.error = str(e)
             self.size = self.impl.out_pos          # what decoded well before the fault
             log_error("%s; reads past decompressed offset %d fail with EIO" % (e, self.size))
+        if getattr(self.impl, "hopeless", False) and self._to_cache():
+            return
         self.size_lru()
         self._save()
+
+    def _to_cache(self):
+        """After a pass that found no restart point in a large zstd frame (a
+        --long window whose kept part never restarted exactly): decode once
+        more into a cache file, rather than read from the frame start."""
+        try:
+            self.announce_cache(self.size)
+        except VimageError as e:
+            log_error("%s; reads decode from the start of the frame instead" % e)
+            return False
+        self.mode, self.index, error = "cache", SeekIndex(), self.error
+        for _chunk in self._cache_pass():
+            pass
+        self.error = self.error or error
+        return True
 
     def announce_cache(self, need):
         private_dir(self.cache_root)
@@ -6307,7 +6940,21 @@ class CompressedFile:
         self._save()
 
     # --- saved index ------------------------------------------------------
+    # One line of JSON (magic, codec, identity, size, points, the codec's
+    # check list), then the bytes it refers to as [offset, length] from the
+    # end of that line: {"z": ...} zlib-compressed, {"b": ...} kept as they
+    # are (zstd windows come compressed).
     def _save(self):
+        blobs, at = [], [0]
+
+        def enc(x):
+            if not isinstance(x, bytes):
+                return x
+            data = x if isinstance(x, Packed) else zlib.compress(x)
+            blobs.append(data)
+            at[0] += len(data)
+            return {"b" if isinstance(x, Packed) else "z": [at[0] - len(data), len(data)]}
+        state = None
         if self.mode == "points":
             # in-memory inflater copies cannot be saved; the other points can,
             # and a read then starts from the saved point before it
@@ -6315,35 +6962,23 @@ class CompressedFile:
                     if self.impl.savable(p)]
             if 2 * len(keep) < len(self.index):
                 return
-            points = [[off] + [self._enc(x) for x in p] for off, p in keep]
+            points = [[off] + [enc(x) for x in p] for off, p in keep]
+            state = {k: enc(v) for k, v in self.impl.state().items()}
         else:
             if not self.keep_cache:
                 return
             points = None
         doc = {"magic": self.INDEX_MAGIC, "codec": self.codec.name, "identity": self.identity,
-               "size": self.size, "error": self.error, "mode": self.mode, "points": points}
+               "size": self.size, "error": self.error, "mode": self.mode, "points": points,
+               "state": state}
         try:
             if os.path.dirname(os.path.abspath(self.index_file)) == os.path.abspath(self.cache_root):
                 private_dir(self.cache_root)
-            write_private(self.index_file, json.dumps(doc))
+            write_private(self.index_file, [json.dumps(doc).encode() + b"\n"] + list(blobs))
         except OSError as e:
             self.notes.append("cannot save the index to %s: %s" % (self.index_file, e.strerror))
         except VimageError as e:
             self.notes.append("index not saved: %s" % e)
-
-    @staticmethod
-    def _enc(x):
-        if isinstance(x, bytes):
-            import base64
-            return {"z": base64.b64encode(zlib.compress(x)).decode()}
-        return x
-
-    @staticmethod
-    def _dec(x):
-        if isinstance(x, dict):
-            import base64
-            return zlib.decompress(base64.b64decode(x["z"]))
-        return x
 
     def _load(self):
         """Reuse a saved index (or kept cache) when it is for this very image."""
@@ -6351,15 +6986,25 @@ class CompressedFile:
             fd = os.open(self.index_file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError:
             return False
-        with os.fdopen(fd) as f:
+        with os.fdopen(fd, "rb") as f:
             why = untrusted_reason(fd)
             if why:
                 self.notes.append("saved index %s not used (%s); rebuilt" % (self.index_file, why))
                 return False
             try:
-                doc = json.load(f)
-            except ValueError:
+                doc = json.loads(f.readline().decode())
+                blobs = f.read()
+            except (OSError, ValueError):
                 return False
+
+        def dec(x):
+            if not isinstance(x, dict):
+                return x
+            (kind, (off, n)), = x.items()
+            if off < 0 or n < 0 or off + n > len(blobs):
+                raise ValueError("blob out of range")
+            data = blobs[off:off + n]
+            return Packed(data) if kind == "b" else zlib.decompress(data)
         try:
             if doc.get("magic") != self.INDEX_MAGIC or doc.get("codec") != self.codec.name or \
                     doc.get("identity") != self.identity or doc.get("mode") != self.mode:
@@ -6379,11 +7024,13 @@ class CompressedFile:
                 self.cache_fd = fd
             else:
                 for item in doc["points"]:
-                    self.index.add(item[0], tuple(self._dec(x) for x in item[1:]))
+                    self.index.add(item[0], tuple(dec(x) for x in item[1:]))
+                self.impl.restore({k: dec(v) for k, v in (doc.get("state") or {}).items()},
+                                  doc["size"])
             self.size, self.error = doc["size"], doc.get("error")
             self.size_lru()
             return True
-        except (KeyError, TypeError, ValueError, IndexError):
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, zlib.error):
             self.index = SeekIndex()
             return False
 
@@ -6404,10 +7051,11 @@ class CompressedFile:
         """Decode chunk i, or only its first `upto` bytes (a random read need
         not pay for the rest of a big block); the LRU keeps what was decoded."""
         offs = self.index.offsets
-        length = (offs[i + 1] if i + 1 < len(offs) else self.size) - offs[i]
-        if upto is not None:
-            length = min(length, upto)
-        chunk = self.impl.decode(self.index.points[i], length)[:length]
+        whole = (offs[i + 1] if i + 1 < len(offs) else self.size) - offs[i]
+        length = whole if upto is None else min(whole, upto)
+        chunk = self.impl.read_chunk(self.index, i, length)
+        if len(chunk) > whole:
+            chunk = chunk[:whole]               # more than was asked is kept, not past the chunk
         if len(chunk) < length:
             raise OSError(errno.EIO, "compressed data at decompressed offset %d decodes short"
                           % offs[i])
