@@ -5542,12 +5542,33 @@ class SeekAccess:
         """'points' when the stream has restart points, else 'cache'."""
         return "points"
 
+    AHEAD = 3                     # points decoded ahead in the pass, side by side
+
     def run(self, index):
         """The pass for codecs whose points are known before decoding (from
-        listed(): point, input offset after it, decoded length or None)."""
-        out_pos = 0
-        for point, in_end, length in self.listed():
-            out = self.decode(point, length)
+        listed(): point, input offset after it, decoded length or None).  The
+        points are independent, so they are decoded side by side on the cores
+        (the codecs drop the GIL) and handed over in order."""
+        from concurrent.futures import ThreadPoolExecutor
+        workers = max(1, min(2, os.cpu_count() or 1))
+        with ThreadPoolExecutor(workers) as pool:
+            for out in self._run_listed(index, pool):
+                yield out
+
+    def _run_listed(self, index, pool):
+        out_pos, pending = 0, []
+        listed = iter(self.listed())
+        while True:
+            while len(pending) < self.AHEAD:
+                item = next(listed, None)
+                if item is None:
+                    break
+                point, in_end, length = item
+                pending.append((point, in_end, length, pool.submit(self.decode, point, length)))
+            if not pending:
+                break
+            point, in_end, length, future = pending.pop(0)
+            out = future.result()
             if self.exact and len(out) != length:
                 raise ContainerError("%s block at input offset %d decodes to the wrong size"
                                      % (self.name, in_end))
