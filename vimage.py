@@ -234,6 +234,16 @@ class Progress:
             sys.stderr.flush()
 
 
+class OffsetProgress:
+    """A member's progress inside the progress of the whole backup."""
+
+    def __init__(self, progress, base):
+        self.progress, self.base = progress, base
+
+    def update_to(self, done):
+        self.progress.update_to(self.base + done)
+
+
 class SharedProgress:
     """One progress display for passes that run side by side in threads: each
     pass gets a part() that reports its own bytes; the display shows the sum."""
@@ -2000,16 +2010,6 @@ class Par2Check:
     def close(self):
         """Stop the MD5 worker without a result (finish() does this too)."""
         self._md5.close()
-
-    def check_path(self, path):
-        """Read a whole file in CHUNK reads and return finish()."""
-        try:
-            with io.open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(CHUNK), b""):
-                    self.update(chunk)
-        finally:
-            self.close()
-        return self.finish()
 
 
 # ===========================================================================
@@ -8537,16 +8537,6 @@ def backup_line(backup):
     if isinstance(backup, ImageBackup):
         return backup.members[0].describe()
     return backup.describe()
-
-
-class OffsetProgress:
-    """A member's progress inside the progress of the whole backup."""
-
-    def __init__(self, progress, base):
-        self.progress, self.base = progress, base
-
-    def update_to(self, done):
-        self.progress.update_to(self.base + done)
 
 
 class Output:
