@@ -250,3 +250,21 @@ def test_files_of_every_partition(mnt):
     assert not mounted(mnt)
     after = subprocess.run(["losetup", "-a"], stdout=subprocess.PIPE).stdout
     assert len(after.splitlines()) <= len(loops.splitlines())
+
+
+def test_lvm_volumes_are_partitions_and_the_pv_says_why(tmp_path):
+    """An LVM logical volume is imaged as <vg>-<lv>.<fs>-ptcl-img; the physical
+    volume's partition stays in `parts` without an image (made from
+    saveparts: this kernel has no device-mapper, so ocs-sr cannot save LVM)."""
+    d = copy("saveparts", tmp_path)
+    os.rename(d / "sda5.ext4-ptcl-img.xz", d / "vg0-root.ext4-ptcl-img.xz")
+    (d / "lvm_vg_dev.list").write_text("vg0 /dev/sda5 Xq3k9T-Zb1d-4Hn2-Jf8e-Kp0w-Lm7r-Qs5v6W\n")
+    (d / "lvm_logv.list").write_text("/dev/vg0/root  Linux rev 1.0 ext4 filesystem data\n")
+    got = info(d)
+    parts = {p["name"]: p for p in got["partitions"]}
+    assert "LVM physical volume" in parts["sda5"]["reason"]
+    assert parts["vg0-root"]["format"] == "partclone" and parts["vg0-root"]["start"] is None
+    out = tmp_path / "lv.raw"
+    assert run("extract", "-q", "--partition", "vg0-root", d, out).returncode == 0
+    want = {p["name"]: p["sha256"] for p in TRUTH["saveparts"]["partitions"] if p.get("sha256")}
+    assert sha256_file(out) == want["sda5"]
