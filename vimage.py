@@ -366,14 +366,13 @@ FILE_TAPS = {}      # real path -> FileTap, while a verify pass runs
 class FileTap:
     """Whole-file checks fed by the in-order reads a verify pass makes anyway,
     so that a sums file or a par2 set costs no second read of an image: the
-    hashes (Hashers) and a par2 slice check each work on a thread of their
+    hashes (Hashers) and a par2 check (Par2Check) work on threads of their
     own while the pass goes on.  What the pass did not read (it stopped
     early) is read when a result is asked for."""
 
     def __init__(self, path, algos=(), par2=None):
         self.path, self.pos, self.broken = path, 0, False
-        self.algos, self.hashers = sorted(algos), None
-        self.par2, self._par2 = None, par2
+        self.algos, self.hashers, self.par2 = sorted(algos), None, par2
         self.digests = self.result = None
 
     def feed(self, offset, data, threads=1):
@@ -384,8 +383,6 @@ class FileTap:
             data = bytes(memoryview(data)[self.pos - offset:])
         if self.hashers is None:          # the workers start with the first data
             self.hashers = Hashers(self.algos, threads=threads)
-            if self._par2 is not None:
-                self.par2 = _ThreadedUpdate(self._par2) if threads else _Inline(self._par2)
         self.hashers.update(data)
         if self.par2 is not None:
             self.par2.update(data)
@@ -416,66 +413,11 @@ class FileTap:
         self._finish()
         return self.result
 
-    @property
-    def has_par2(self):
-        return self._par2 is not None
-
     def close(self):
         if self.hashers is not None:
             self.hashers.close()
         if self.par2 is not None:
             self.par2.close()
-
-
-class _Inline:
-    """_ThreadedUpdate's interface, in the caller's thread."""
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def update(self, chunk):
-        self.obj.update(chunk)
-
-    def close(self):
-        pass
-
-    def finish(self):
-        return self.obj.finish()
-
-
-class _ThreadedUpdate:
-    """Runs obj.update(chunk) on a thread of its own, one chunk queued."""
-
-    def __init__(self, obj):
-        self.obj, self.error = obj, None
-        self.queue = queue.Queue(1)
-        self.thread = threading.Thread(target=self._work, daemon=True)
-        self.thread.start()
-
-    def _work(self):
-        for chunk in iter(self.queue.get, None):
-            if self.error is None:
-                try:
-                    self.obj.update(chunk)
-                except Exception as e:            # raised again in the caller
-                    self.error = e
-
-    def update(self, chunk):
-        if self.error is not None:
-            raise self.error
-        self.queue.put(chunk)
-
-    def close(self):
-        if self.thread is not None:
-            self.queue.put(None)
-            self.thread.join()
-            self.thread = None
-
-    def finish(self):
-        self.close()
-        if self.error is not None:
-            raise self.error
-        return self.obj.finish()
 
 
 class Segmented:
@@ -1943,13 +1885,29 @@ class Par2Set:
                           % (base, ", ".join(f.name for f in files) or "no readable names"))
 
 
+def _slice_sums(pieces, pad):
+    """(MD5, CRC-32) of one par2 slice: its pieces, then `pad` zero bytes."""
+    h, crc = hashlib.md5(), 0
+    for piece in pieces:
+        h.update(piece)
+        crc = zlib.crc32(piece, crc)
+    while pad > 0:
+        z = _ZEROS[:min(pad, len(_ZEROS))]
+        h.update(z)
+        crc = zlib.crc32(z, crc)
+        pad -= len(z)
+    return h.digest(), crc
+
+
 class Par2Check:
     """Check one file of a Par2Set: update() with its bytes in order, then finish().
 
-    Each slice's MD5 and CRC32 run on memoryview pieces of the chunk in the
-    caller's thread; the whole-file MD5 runs on a worker thread (threads=0: not)."""
+    Slices are independent, so their MD5 and CRC-32 are taken on `threads`
+    worker threads side by side (hashlib and zlib drop the GIL), a few slices
+    in flight at most; threads=0 does them in the caller.  The whole-file MD5
+    is only taken when the set has no slice checksums for the file."""
 
-    def __init__(self, par2set, file_name, threads=1):
+    def __init__(self, par2set, file_name, threads=2):
         self.set, self.file = par2set, par2set.find(file_name)
         self._count = -(-self.file.length // par2set.slice_size)
         body = par2set.slices.get(self.file.file_id)
@@ -1957,11 +1915,14 @@ class Par2Check:
         if self._sums is not None and len(self._sums) != self._count:
             raise FormatError("par2 has %d slice checksums for %s, whose length needs %d"
                               % (len(self._sums), self.file.name, self._count))
-        # the slices' MD5s vouch for the whole file; its own MD5 is only
-        # worth its time when the set has no slice checksums for it
-        self._md5 = Hashers(["md5"] if self._sums is None else [], threads)
-        self._h, self._crc, self._fill, self._index, self.seen = hashlib.md5(), 0, 0, 0, 0
-        self._damaged = []
+        self._md5 = Hashers(["md5"] if self._sums is None else [], min(threads, 1))
+        self._pool = None
+        if threads and self._sums is not None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(threads)
+        self._threads = max(threads, 1)
+        self._pieces, self._fill, self._index, self.seen = [], 0, 0, 0
+        self._pending, self._damaged = [], []
 
     def update(self, data):
         """Feed the next bytes of the file (any size; bytes, not a reused buffer)."""
@@ -1969,20 +1930,29 @@ class Par2Check:
         view, size, o = memoryview(data).cast("B"), self.set.slice_size, 0
         while o < len(view):
             piece = view[o:o + size - self._fill]
-            self._h.update(piece)
-            self._crc = zlib.crc32(piece, self._crc)
+            self._pieces.append(piece)
             self._fill += len(piece)
             o += len(piece)
             if self._fill == size:
-                self._end_slice()
+                self._end_slice(0)
         self.seen += len(view)
 
-    def _end_slice(self):
-        i = self._index
-        if self._sums is not None and i < self._count \
-                and (self._h.digest(), self._crc) != self._sums[i]:
+    def _end_slice(self, pad):
+        i, pieces = self._index, self._pieces
+        self._pieces, self._fill, self._index = [], 0, i + 1
+        if self._sums is None or i >= self._count:
+            return
+        if self._pool is None:
+            self._settle(i, _slice_sums(pieces, pad))
+            return
+        self._pending.append((i, self._pool.submit(_slice_sums, pieces, pad)))
+        while len(self._pending) > 2 * self._threads:      # bounds the memory held
+            j, future = self._pending.pop(0)
+            self._settle(j, future.result())
+
+    def _settle(self, i, sums):
+        if sums != self._sums[i]:
             self._damaged.append(i)
-        self._h, self._crc, self._fill, self._index = hashlib.md5(), 0, 0, i + 1
 
     def finish(self):
         """The Par2Result: damaged slices as (index, start, end) byte ranges [start, end)
@@ -1990,16 +1960,16 @@ class Par2Check:
         the recovery slices in the set, and whether `par2 r` could repair it
         (damaged slices <= recovery slices; None when that cannot be told)."""
         if self._fill:      # the last slice counts as zero-padded to the slice size
-            for pad in range(self.set.slice_size - self._fill, 0, -len(_ZEROS)):
-                z = _ZEROS[:min(pad, len(_ZEROS))]
-                self._h.update(z)
-                self._crc = zlib.crc32(z, self._crc)
-            self._end_slice()
+            self._end_slice(self.set.slice_size - self._fill)
+        for j, future in self._pending:
+            self._settle(j, future.result())
+        self._pending = []
+        self.close()
         digests = self._md5.hexdigests()
         md5_ok = digests["md5"] == self.file.md5.hex() if "md5" in digests else None
         length, size, damaged = self.file.length, self.set.slice_size, None
         if self._sums is not None:
-            bad = self._damaged + list(range(self._index, self._count))   # missing tail
+            bad = sorted(self._damaged) + list(range(self._index, self._count))   # missing tail
             damaged = [(i, i * size, min(i * size + size, length)) for i in bad]
         ok = md5_ok is not False and self.seen == length and not damaged
         repairable = True if ok else None if damaged is None else \
@@ -2008,8 +1978,11 @@ class Par2Check:
                           self._count, damaged, self.set.recovery_slices, repairable, ok)
 
     def close(self):
-        """Stop the MD5 worker without a result (finish() does this too)."""
+        """Stop the workers (finish() does this too)."""
         self._md5.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 # ===========================================================================
@@ -3901,7 +3874,7 @@ class SidecarChecks:
                 whole.add(path)
         for path in self.paths():
             tap = FILE_TAPS.get(os.path.realpath(path))
-            result = tap.par2_result() if tap is not None and tap.has_par2 else None
+            result = tap.par2_result() if tap is not None and tap.par2 is not None else None
             if result is None:
                 continue
             name, par2 = os.path.basename(path), os.path.basename(par2_files(path)[0])
