@@ -3144,11 +3144,15 @@ def probe_filesystem(head):
     return None
 
 
-def detect_filesystem(part):
-    """The file system name inside a readable partition (for mount), or None."""
+def detect_filesystem(part, errors=None):
+    """The file system name inside a readable partition (for mount), or None;
+    why reading failed goes to errors (a list) when given."""
     try:
         fs = probe_filesystem(part.read(0, PROBE_BYTES))
-    except (OSError, VimageError):          # --verify-reads found a bad group there
+    except (OSError, VimageError) as e:     # a damaged chunk, or --verify-reads found one
+        if errors is not None:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else e
+            errors.append("reading its first %s failed: %s" % (human(PROBE_BYTES), why))
         return None
     return fs.name if fs else None
 
@@ -6066,6 +6070,16 @@ def _zstd_decoder(window=None, reader=False):
     return z.ZstdDecompressor(d, {z.DParameter.windowLogMax: z.DParameter.windowLogMax.bounds()[1]})
 
 
+def _zstd_decompress(data):
+    """One whole zstd frame (a Wyng chunk or metadata file), decoded."""
+    try:
+        return _zstd_decoder().decompress(data)
+    except MissingDependency:
+        raise
+    except Exception as e:
+        raise ContainerError("zstd frame is corrupt: %s" % e)
+
+
 class _ZstdInput:
     """A frame's header, then the input from `start` on, as a file to read."""
 
@@ -8740,11 +8754,14 @@ class MountPlan:
     def __init__(self, backup, readers, args):
         self.backup, self.args = backup, args
         self.files = OrderedDict()
-        self.fstypes = {}
+        self.fstypes, self.unreadable = {}, {}
         for m in backup.members:
             part = readers[m.name]
             self.files[m.name] = (part, access_of(m.paths()))
-            self.fstypes[m.name] = detect_filesystem(part) if m.kind != "disk" else None
+            errors = []
+            self.fstypes[m.name] = detect_filesystem(part, errors) if m.kind != "disk" else None
+            if errors:
+                self.unreadable[m.name] = errors[0]
         parts = backup.partitions()
         if len(parts) == 1 and not backup.disks():
             self.targets = [(parts[0], "")]
@@ -8769,7 +8786,10 @@ class MountPlan:
             if not single:
                 os.mkdir(target, 0o755)
             if fstype not in FILESYSTEMS:
-                skipped.append("%s (%s)" % (m.name, unmountable_reason(m, fstype)))
+                why = self.unreadable.get(m.name) or unmountable_reason(m, fstype)
+                if single:
+                    raise VimageError("cannot mount the files of %s: %s" % (m.name, why))
+                skipped.append("%s (%s)" % (m.name, why))
                 continue
             try:
                 cmd = _files_mount(fstype, os.path.join(fuse_dir, m.name), target, self.args.exec)
@@ -8781,6 +8801,9 @@ class MountPlan:
             self.layers.append(target)
             self.files_lines.append("files: %s (mounted with: %s)" % (target, cmd))
         if not single:
+            if len(self.layers) == 1:
+                raise VimageError("no partition of %s could be mounted as files: %s"
+                                  % (self.args.image, "; ".join(skipped)))
             subprocess_quiet(["mount", "-o", "remount,ro", mp])
         if skipped:
             self.files_lines.append("skipped: " + "; ".join(skipped))

@@ -88,6 +88,28 @@ def mnt(tmp_path):
             run("umount", "-q", d)
             subprocess.run(["umount", "-l", str(d)], stderr=subprocess.DEVNULL)
     assert not mounted(d)
+    for record in files_records(d):      # a --files mount that left its FUSE layer behind
+        subprocess.run(["umount", "-l", record["fuse"]], stderr=subprocess.DEVNULL)
+    assert not files_records(d)
+
+
+def files_records(mountpoint):
+    """The --files state records that name `mountpoint`."""
+    out = []
+    try:
+        names = os.listdir(vimage.RUN_DIR)
+    except OSError:
+        return out
+    for name in names:
+        if name.endswith(".json"):
+            try:
+                with open(os.path.join(vimage.RUN_DIR, name)) as f:
+                    record = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if record.get("mountpoint") == str(mountpoint):
+                out.append(record)
+    return out
 
 
 def threaded_random_reads(path, want, threads=8, rounds=100, sizes=(1, 511, 4096, 65536, 300000)):

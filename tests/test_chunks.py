@@ -13,7 +13,8 @@ import zlib
 
 import pytest
 
-from conftest import ROOT, TESTDATA, assert_clean_error, mounted, needs_fuse, run, sha256_file
+from conftest import (ROOT, TESTDATA, assert_clean_error, files_records, mounted, needs_fuse, run,
+                      sha256_file)
 
 import vimage
 
@@ -224,6 +225,25 @@ def test_mount_files_of_a_volume(mnt, tmp_path):
     assert b"mode = final!" in (mnt / "app.conf").read_bytes()
     assert run("umount", mnt).returncode == 0
     assert not mounted(mnt)
+
+
+@needs_fuse
+def test_mount_files_of_an_unreadable_volume_fails_and_leaves_nothing(mnt, tmp_path):
+    """The chunk holding the file system's superblock is damaged in every
+    session: --files says why it cannot mount, exits 1, and leaves no FUSE
+    layer or state record behind."""
+    vol = copy(os.path.join(SB, SBX["variants"]["E3"]["path"]), tmp_path)
+    for dirpath, _d, files in os.walk(vol):
+        for f in files:
+            if f == "x0000000000000000":
+                with open(os.path.join(dirpath, f), "r+b") as chunk:
+                    chunk.seek(8)
+                    chunk.write(b"\xff" * 16)
+    proc = run("mount", "--files", vol, mnt)
+    assert proc.returncode == 1
+    assert b"cannot mount the files of vm-test-private: reading its first" in proc.stderr
+    assert b"x0000000000000000" in proc.stderr
+    assert not mounted(mnt) and not files_records(mnt)
 
 
 @needs_fuse

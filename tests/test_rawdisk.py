@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from conftest import TESTDATA, assert_clean_error, have, mounted, needs_fuse, run, sha256_file
+from conftest import (TESTDATA, assert_clean_error, files_records, have, mounted, needs_fuse, run,
+                      sha256_file)
 
 import vimage
 
@@ -225,7 +226,7 @@ def test_files_mounts_every_partition(disks, tmp_path, mnt):
     assert not mounted(mnt) and not os.listdir(mnt)
     after = subprocess.run(["losetup", "-a"], stdout=subprocess.PIPE).stdout
     assert len(after.splitlines()) <= len(loops.splitlines()) - 3
-    assert not any(f.endswith(".json") for f in os.listdir(vimage.RUN_DIR))
+    assert not files_records(mnt)
 
 
 @pytest.mark.parametrize("damage", ["outside", "overlap", "ebr-loop"])
